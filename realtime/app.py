@@ -1,0 +1,97 @@
+"""The application factory: one Flask app with its Socket.IO server, node and HTTP API."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from flask import Flask, abort, send_from_directory
+from flask_socketio import SocketIO
+
+from .backends import create_broker, create_presence_store
+from .channels import ChannelPolicy
+from .config import Config
+from .http_api import create_api_blueprint, register_error_handlers
+from .node import Node
+from .socketio_edge import register_socketio_handlers
+from .transport import SocketIOTransport, guard_malformed_packets
+
+logger = logging.getLogger(__name__)
+
+# The official client, installed from npm at set-up time into static/node_modules.
+CLIENT_BUNDLE = Path("node_modules/socket.io-client/dist/socket.io.min.js")
+# Room for the JSON envelope around the largest allowed publication.
+FRAME_OVERHEAD = 16 * 1024
+
+
+@dataclasses.dataclass
+class Realtime:
+    """What :func:`create_app` builds: start ``node`` before serving ``app``."""
+
+    app: Flask
+    socketio: SocketIO
+    node: Node
+    config: Config
+
+
+def create_app(config: Config | None = None) -> Realtime:
+    """Build a node's Flask app, Socket.IO server and core from ``config``.
+
+    Nothing is started: call ``realtime.node.start()`` before serving and ``stop()`` after.
+    """
+    config = config or Config.load()
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = 2 * config.max_message_size + FRAME_OVERHEAD
+    app.json.sort_keys = False
+
+    socketio = SocketIO(
+        app,
+        async_mode="gevent",
+        # One greenlet per connection handles its events in order: a client's publishes keep
+        # their order, and subscribe acks precede the live messages (see transport.after_reply).
+        async_handlers=False,
+        manage_session=False,
+        cors_allowed_origins=config.cors_allowed_origins,
+        ping_interval=config.ping_interval,
+        ping_timeout=config.ping_timeout,
+        max_http_buffer_size=config.max_message_size + FRAME_OVERHEAD,
+        logger=False,
+        engineio_logger=False,
+    )
+    guard_malformed_packets(socketio.server)
+    transport = SocketIOTransport(socketio.server)
+    node = Node(config, create_broker(config), create_presence_store(config), transport)
+    register_socketio_handlers(socketio, node, ChannelPolicy())
+    app.register_blueprint(create_api_blueprint(node))
+    register_error_handlers(app)
+    _register_pages(app, node, Path(config.static_dir))
+    return Realtime(app, socketio, node, config)
+
+
+def _register_pages(app: Flask, node: Node, static_dir: Path) -> None:
+    @app.get("/healthz")
+    def healthz() -> tuple[dict, int]:
+        return {"status": "ok"}, 200
+
+    @app.get("/readyz")
+    def readyz() -> tuple[dict, int]:
+        if node.is_ready():
+            return {"status": "ready"}, 200
+        return {"status": "not ready"}, 503
+
+    @app.get("/")
+    def index():
+        return send_from_directory(static_dir, "index.html")
+
+    @app.get("/vendor/socket.io.min.js")
+    def socketio_client():
+        if not (static_dir / CLIENT_BUNDLE).is_file():
+            abort(404, "socket.io-client is not installed: run scripts/setup")
+        return send_from_directory(static_dir, str(CLIENT_BUNDLE))
+
+    @app.get("/<path:name>")
+    def page(name: str):
+        if name.startswith("node_modules/"):
+            abort(404)
+        return send_from_directory(static_dir, name)

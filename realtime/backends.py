@@ -1,0 +1,40 @@
+"""Broker and presence store chosen by URL scheme: ``memory://`` or ``redis://host:port/db``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from .broker.base import Broker
+from .broker.memory import MemoryBroker
+from .config import Config, ConfigError
+from .presence.base import PresenceStore
+from .presence.memory import MemoryPresenceStore
+
+BrokerFactory = Callable[[str, Config], Broker]
+PresenceFactory = Callable[[str, Config], PresenceStore]
+
+_BROKERS: dict[str, BrokerFactory] = {"memory": lambda url, config: MemoryBroker()}
+_PRESENCE_STORES: dict[str, PresenceFactory] = {
+    "memory": lambda url, config: MemoryPresenceStore(),
+}
+
+
+def create_broker(config: Config) -> Broker:
+    """The broker named by ``config.broker``."""
+    return _pick(_BROKERS, config.broker, "broker")(config.broker, config)
+
+
+def create_presence_store(config: Config) -> PresenceStore:
+    """The presence store named by ``config.presence_url`` (the broker URL by default)."""
+    url = config.presence_url
+    return _pick(_PRESENCE_STORES, url, "presence store")(url, config)
+
+
+def _pick(factories: dict, url: str, what: str) -> Callable:
+    scheme = urlsplit(url).scheme
+    try:
+        return factories[scheme]
+    except KeyError:
+        known = ", ".join(f"{name}://" for name in sorted(factories))
+        raise ConfigError(f"unsupported {what} URL {url!r}; use one of: {known}") from None

@@ -1,0 +1,150 @@
+"""The broker: publications, history streams and fan-out between nodes.
+
+The broker never sees a client. It moves publications between the nodes that have local
+subscribers for a channel, keeps each channel's recent history as an ordered stream, and carries
+the cluster's join/leave and control messages. The node-local hub turns what the broker delivers
+into frames for connections.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Protocol
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """A place in a channel's history stream.
+
+    ``epoch`` names the stream: it changes whenever the stream's history is lost (a restart of a
+    broker without persistence, an evicted or expired stream), so an ``offset`` from another epoch
+    means nothing. ``offset`` is the offset of the newest publication (0 for an empty stream).
+    """
+
+    epoch: str
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Publication:
+    """One message published on a channel, with its place in the channel's stream."""
+
+    channel: str
+    offset: int
+    data: Any
+    user: str | None = None
+
+    def to_event(self) -> dict[str, Any]:
+        """The payload of the ``message`` event that clients receive."""
+        return {"channel": self.channel, "offset": self.offset, "data": self.data,
+                "user": self.user}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HistoryOptions:
+    """How much of a channel's stream to keep: the last ``size`` publications for ``ttl`` s.
+
+    The stream's position (epoch and offset) outlives the publications by ``meta_ttl`` seconds so
+    that a client returning after a quiet spell learns it missed messages instead of seeing
+    offsets restart in a new epoch.
+    """
+
+    size: int
+    ttl: float
+    meta_ttl: float = 86400.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HistoryResult:
+    """Publications read from a stream, oldest first, and the stream's current position."""
+
+    publications: list[Publication]
+    position: StreamPosition
+
+
+class BrokerEventHandler(Protocol):
+    """What a broker calls when something arrives for this node.
+
+    Calls for one channel come in publication order from a single greenlet; a handler must not
+    block (it only hands frames to connections) and must not raise.
+    """
+
+    def on_publication(self, publication: Publication) -> None: ...
+
+    def on_join(self, channel: str, user: str) -> None: ...
+
+    def on_leave(self, channel: str, user: str) -> None: ...
+
+    def on_control(self, payload: bytes) -> None: ...
+
+
+class Broker(abc.ABC):
+    """Fan-out, history and control messages shared by every node of a deployment.
+
+    Contract, common to every implementation:
+
+    * **Atomic publish.** ``publish`` appends to the channel's stream, assigns the next offset
+      (previous + 1, gap-free across the whole deployment) and hands the publication to the
+      fan-out as one step: a publication is in history before any node can deliver it, and every
+      node sees a channel's publications in offset order.
+    * **Delivery.** At most once per node that is subscribed to the channel when the
+      publication is made, in offset order per channel. A node never receives channels it did
+      not subscribe to. Nothing is retried: a node that misses publications (an outage) learns it
+      from the stream position, and clients recover from history.
+    * **Subscribe.** When ``subscribe`` returns, every later publication on the channel reaches
+      the handler; it is idempotent per channel, and so is ``unsubscribe``.
+    * **Outages.** A call that cannot reach the backing store raises
+      :class:`~realtime.errors.Unavailable` (``temporary``); it never blocks longer than the
+      backend's timeout. Background delivery reconnects and resubscribes by itself.
+    * **Control** messages go to every node, the sender included, at most once, unordered with
+      respect to publications.
+    """
+
+    @abc.abstractmethod
+    def start(self, handler: BrokerEventHandler) -> None:
+        """Begin delivering to ``handler``. Called once, before anything else."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop delivering and release connections. Idempotent."""
+
+    @abc.abstractmethod
+    def publish(self, channel: str, data: Any, *, user: str | None,
+                history: HistoryOptions) -> StreamPosition:
+        """Append ``data`` to ``channel``'s stream and fan it out; return its position."""
+
+    @abc.abstractmethod
+    def publish_join(self, channel: str, user: str) -> None:
+        """Tell every node subscribed to ``channel`` that ``user`` joined it (not kept)."""
+
+    @abc.abstractmethod
+    def publish_leave(self, channel: str, user: str) -> None:
+        """Tell every node subscribed to ``channel`` that ``user`` left it (not kept)."""
+
+    @abc.abstractmethod
+    def publish_control(self, payload: bytes) -> None:
+        """Send an opaque control message to every node, this one included."""
+
+    @abc.abstractmethod
+    def subscribe(self, channel: str) -> None:
+        """Start receiving ``channel``'s publications, joins and leaves on this node."""
+
+    @abc.abstractmethod
+    def unsubscribe(self, channel: str) -> None:
+        """Stop receiving ``channel`` on this node."""
+
+    @abc.abstractmethod
+    def history(self, channel: str, *, since_offset: int | None = None,
+                limit: int | None = None, options: HistoryOptions) -> HistoryResult:
+        """Read ``channel``'s stream.
+
+        With ``since_offset``, the publications after it (all that are kept); otherwise the last
+        ``limit`` ones (all kept when ``limit`` is None, none when it is 0). Always the current
+        position, creating the stream (and its epoch) when it does not exist yet, so that a
+        subscriber learns the epoch its later publications belong to.
+        """
+
+    def is_healthy(self) -> bool:
+        """True while the broker can serve calls (used by ``/readyz``)."""
+        return True

@@ -1,0 +1,194 @@
+"""The node-local hub: the connections of this node and the channels they subscribe to.
+
+The hub is the only place that knows which connection wants which channel on this node. The
+broker hands it publications; the hub encodes each one ONCE (through the transport) and hands the
+same frame to every local subscriber. Nothing here blocks or switches greenlets.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .broker.base import Publication
+
+logger = logging.getLogger(__name__)
+
+
+class Connection:
+    """One client connection on this node.
+
+    ``client_id`` is the Socket.IO session id the client knows; ``transport_id`` is what the
+    transport needs to reach it (the Engine.IO session id). ``channels`` holds every channel the
+    connection is subscribed to, including the ones still being set up, which also appear in
+    ``pending`` with the frames held back until the subscribe reply has gone out.
+    """
+
+    __slots__ = ("client_id", "transport_id", "user", "channels", "pending")
+
+    def __init__(self, client_id: str, transport_id: Any, user: str) -> None:
+        self.client_id = client_id
+        self.transport_id = transport_id
+        self.user = user
+        self.channels: set[str] = set()
+        # channel -> frames held back while the subscription is set up: (offset or None, frame)
+        self.pending: dict[str, list[tuple[int | None, Any]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.client_id} user={self.user!r}>"
+
+
+class Transport(Protocol):
+    """How the hub reaches connections. The performance work swaps the implementation."""
+
+    def encode_event(self, event: str, payload: Any) -> Any:
+        """Encode a server→client event once; the result is written to many connections."""
+
+    def send(self, connection: Connection, frame: Any) -> None:
+        """Queue ``frame`` for ``connection``. Never blocks and never switches greenlets."""
+
+    def close(self, connection: Connection, reason: str) -> None:
+        """Disconnect ``connection`` from the server side."""
+
+    def after_reply(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the reply (ack) to the event being handled has been queued."""
+
+
+class Subscribed(enum.Enum):
+    """What :meth:`Hub.add_subscriber` did."""
+
+    ALREADY = "already"      # the connection already had (or was setting up) the channel
+    FIRST_ON_NODE = "first"  # the first subscriber of the channel on this node
+    ADDED = "added"          # another subscriber of a channel the node already receives
+
+
+class Hub:
+    """Connections of this node, their subscriptions, and the fan-out to them."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._connections: dict[str, Connection] = {}
+        self._subscribers: dict[str, set[Connection]] = {}
+        self._by_user: dict[str, set[Connection]] = {}
+        self._subscription_count = 0
+
+    # -- connections -------------------------------------------------------------------------
+
+    def add_connection(self, connection: Connection) -> None:
+        self._connections[connection.client_id] = connection
+        self._by_user.setdefault(connection.user, set()).add(connection)
+
+    def remove_connection(self, connection: Connection) -> list[str]:
+        """Forget ``connection``; return the channels it was subscribed to (for cleanup)."""
+        if self._connections.pop(connection.client_id, None) is None:
+            return []
+        same_user = self._by_user.get(connection.user)
+        if same_user is not None:
+            same_user.discard(connection)
+            if not same_user:
+                del self._by_user[connection.user]
+        return list(connection.channels)
+
+    def get(self, client_id: str) -> Connection | None:
+        return self._connections.get(client_id)
+
+    def connections_of(self, user: str) -> list[Connection]:
+        return list(self._by_user.get(user, ()))
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def subscription_count(self) -> int:
+        """Client subscriptions on this node (one per connection and channel)."""
+        return self._subscription_count
+
+    def channels(self) -> list[str]:
+        """Channels with at least one local subscriber."""
+        return list(self._subscribers)
+
+    def presence_entries(self) -> list[tuple[str, str, str]]:
+        """Every live ``(channel, client_id, user)`` of this node, for presence refreshes."""
+        return [(channel, c.client_id, c.user)
+                for c in self._connections.values() for channel in c.channels]
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def add_subscriber(self, connection: Connection, channel: str) -> Subscribed:
+        """Subscribe ``connection`` to ``channel`` in the pending state.
+
+        Frames for the channel are held back for this connection until :meth:`activate`.
+        """
+        if channel in connection.channels:
+            return Subscribed.ALREADY
+        connection.channels.add(channel)
+        connection.pending[channel] = []
+        self._subscription_count += 1
+        subscribers = self._subscribers.get(channel)
+        if subscribers is None:
+            self._subscribers[channel] = {connection}
+            return Subscribed.FIRST_ON_NODE
+        subscribers.add(connection)
+        return Subscribed.ADDED
+
+    def activate(self, connection: Connection, channel: str, after_offset: int) -> None:
+        """End the set-up of a subscription: send what was held back, newer than ``after_offset``.
+
+        Publications up to ``after_offset`` were already accounted for in the subscribe reply
+        (recovered, or before the client's starting point), so they are dropped here; join and
+        leave events are always sent.
+        """
+        held = connection.pending.pop(channel, None)
+        if held is None or connection.client_id not in self._connections:
+            return
+        send = self._transport.send
+        for offset, frame in held:
+            if offset is None or offset > after_offset:
+                send(connection, frame)
+
+    def remove_subscriber(self, connection: Connection, channel: str) -> tuple[bool, bool]:
+        """Unsubscribe; return ``(was_subscribed, was_last_on_node)``."""
+        if channel not in connection.channels:
+            return False, False
+        connection.channels.discard(channel)
+        connection.pending.pop(channel, None)
+        self._subscription_count -= 1
+        subscribers = self._subscribers.get(channel)
+        if subscribers is None:
+            return True, False
+        subscribers.discard(connection)
+        if subscribers:
+            return True, False
+        del self._subscribers[channel]
+        return True, True
+
+    # -- fan-out -----------------------------------------------------------------------------
+
+    def deliver_publication(self, publication: Publication) -> None:
+        """Send ``publication`` to every local subscriber of its channel, encoded once."""
+        subscribers = self._subscribers.get(publication.channel)
+        if not subscribers:
+            return
+        frame = self._transport.encode_event("message", publication.to_event())
+        self._fan_out(publication.channel, subscribers, publication.offset, frame)
+
+    def deliver_presence_event(self, event: str, channel: str, user: str) -> None:
+        """Send a ``join`` or ``leave`` event to every local subscriber of ``channel``."""
+        subscribers = self._subscribers.get(channel)
+        if not subscribers:
+            return
+        frame = self._transport.encode_event(event, {"channel": channel, "user": user})
+        self._fan_out(channel, subscribers, None, frame)
+
+    def _fan_out(self, channel: str, subscribers: set[Connection], offset: int | None,
+                 frame: Any) -> None:
+        send = self._transport.send
+        for connection in subscribers:
+            pending = connection.pending
+            if pending and channel in pending:
+                pending[channel].append((offset, frame))
+            else:
+                send(connection, frame)

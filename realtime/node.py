@@ -1,0 +1,316 @@
+"""The node: the core API that the Socket.IO edge, the HTTP API and the CLI call.
+
+A node ties together the broker (fan-out and history between nodes), the presence store and the
+node-local hub. It knows nothing of Socket.IO or HTTP: the edges parse and authorise, call a
+method here, and translate :class:`~realtime.errors.RealtimeError` into their own error shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import secrets
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+import msgpack
+
+from .broker.base import (
+    Broker,
+    HistoryOptions,
+    HistoryResult,
+    Publication,
+    StreamPosition,
+)
+from .config import Config
+from .errors import BadRequest, RealtimeError, TooLarge
+from .hub import Connection, Hub, Subscribed, Transport
+from .presence.base import PresenceMember, PresenceStore
+
+logger = logging.getLogger(__name__)
+
+CONTROL_VERSION = 1
+HEARTBEAT_INTERVAL = 2.0
+NODE_EXPIRY = 3 * HEARTBEAT_INTERVAL
+SURVEY_TIMEOUT = 2.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubscribeResult:
+    channel: str
+    position: StreamPosition
+    recovered: bool
+    publications: list[Publication]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "epoch": self.position.epoch,
+            "offset": self.position.offset,
+            "recovered": self.recovered,
+            "publications": [p.to_event() for p in self.publications],
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeInfo:
+    node_id: str
+    connections: int
+    subscriptions: int
+    uptime_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Survey:
+    """Answers to a control request from every live node, collected until all are in."""
+
+    def __init__(self, expected: set[str]) -> None:
+        self.expected = expected
+        self.answers: dict[str, int] = {}
+        self.done = gevent.event.Event()
+
+    def answer(self, node_id: str, value: int) -> None:
+        self.answers[node_id] = value
+        if self.expected <= self.answers.keys():
+            self.done.set()
+
+
+class Node:
+    """One realtime node. Create, :meth:`start`, serve, :meth:`stop`."""
+
+    def __init__(self, config: Config, broker: Broker, presence: PresenceStore,
+                 transport: Transport) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.broker = broker
+        self.presence_store = presence
+        self.transport = transport
+        self.hub = Hub(transport)
+        self.history_options = HistoryOptions(size=config.history_size, ttl=config.history_ttl)
+        self._started_at = time.monotonic()
+        self._peers: dict[str, tuple[float, NodeInfo]] = {}
+        self._surveys: dict[str, _Survey] = {}
+        self._tasks: list[gevent.Greenlet] = []
+        self._running = False
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the broker and the background work (heartbeats, presence refresh)."""
+        self.broker.start(self)
+        self._running = True
+        self._tasks.append(gevent.spawn(self._heartbeat_loop))
+
+    def stop(self) -> None:
+        self._running = False
+        gevent.killall(self._tasks)
+        self._tasks.clear()
+        self.broker.close()
+        self.presence_store.close()
+
+    def is_ready(self) -> bool:
+        """True when the node can take traffic: started and its broker healthy."""
+        return self._running and self.broker.is_healthy()
+
+    # -- connections -------------------------------------------------------------------------
+
+    def connect(self, connection: Connection) -> None:
+        self.hub.add_connection(connection)
+
+    def disconnect(self, connection: Connection) -> None:
+        """Forget a connection that went away: its subscriptions and presence go with it."""
+        for channel in self.hub.remove_connection(connection):
+            try:
+                self._leave(connection, channel)
+            except RealtimeError as exc:
+                logger.warning("cleanup of %s in %s failed: %s", connection, channel, exc)
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def subscribe(self, connection: Connection, channel: str,
+                  since: StreamPosition | None = None) -> SubscribeResult:
+        """Subscribe ``connection`` to ``channel``, recovering from ``since`` when given.
+
+        Publications made while the subscription is set up reach the connection after the
+        reply to this call, never before and never twice (see :meth:`Hub.activate`).
+        """
+        added = self.hub.add_subscriber(connection, channel)
+        if added is Subscribed.ALREADY:
+            return self._position_for(channel, since)
+        try:
+            if added is Subscribed.FIRST_ON_NODE:
+                self.broker.subscribe(channel)
+            result = self._position_for(channel, since)
+            if self.presence_store.add(channel, connection.client_id, connection.user):
+                self.broker.publish_join(channel, connection.user)
+        except Exception:
+            self._unsubscribe_locally(connection, channel)
+            raise
+        offset = result.position.offset
+        self.transport.after_reply(lambda: self.hub.activate(connection, channel, offset))
+        return result
+
+    def unsubscribe(self, connection: Connection, channel: str) -> None:
+        """Unsubscribe ``connection`` from ``channel``; a no-op when it was not subscribed."""
+        if channel in connection.channels:
+            self._leave(connection, channel)
+
+    def _leave(self, connection: Connection, channel: str) -> None:
+        self._unsubscribe_locally(connection, channel)
+        if self.presence_store.remove(channel, connection.client_id, connection.user):
+            self.broker.publish_leave(channel, connection.user)
+
+    def _unsubscribe_locally(self, connection: Connection, channel: str) -> None:
+        _, last_on_node = self.hub.remove_subscriber(connection, channel)
+        if last_on_node:
+            self.broker.unsubscribe(channel)
+
+    def _position_for(self, channel: str, since: StreamPosition | None) -> SubscribeResult:
+        """The stream position of ``channel`` and, given ``since``, what the client missed."""
+        if since is None:
+            result = self.broker.history(channel, limit=0, options=self.history_options)
+            return SubscribeResult(channel, result.position, False, [])
+        result = self.broker.history(channel, since_offset=since.offset,
+                                     options=self.history_options)
+        if _is_complete_recovery(since, result):
+            return SubscribeResult(channel, result.position, True, result.publications)
+        return SubscribeResult(channel, result.position, False, [])
+
+    # -- publishing and reading --------------------------------------------------------------
+
+    def publish(self, channel: str, data: Any, user: str | None = None) -> StreamPosition:
+        """Publish ``data`` (any JSON value) on ``channel`` as ``user`` (None: a backend)."""
+        self.check_data_size(data)
+        return self.broker.publish(channel, data, user=user, history=self.history_options)
+
+    def broadcast(self, channels: list[str], data: Any) -> list[tuple[str, StreamPosition]]:
+        """Publish the same ``data`` on each channel, in order; stops at the first failure."""
+        self.check_data_size(data)
+        return [(channel, self.broker.publish(channel, data, user=None,
+                                              history=self.history_options))
+                for channel in channels]
+
+    def check_data_size(self, data: Any) -> None:
+        """Raise unless ``data`` is a JSON value no larger than the configured limit."""
+        try:
+            encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False,
+                                 allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise BadRequest("data must be a JSON value") from exc
+        size = len(encoded.encode())
+        if size > self.config.max_message_size:
+            raise TooLarge(f"data is {size} bytes; the limit is {self.config.max_message_size}")
+
+    def history(self, channel: str, limit: int | None = None) -> HistoryResult:
+        """The last ``limit`` publications of ``channel`` (all kept when None), oldest first."""
+        return self.broker.history(channel, limit=limit, options=self.history_options)
+
+    def presence(self, channel: str) -> list[PresenceMember]:
+        return self.presence_store.members(channel)
+
+    # -- cluster-wide commands ---------------------------------------------------------------
+
+    def disconnect_user(self, user: str) -> int:
+        """Disconnect every connection of ``user`` on every node; return how many there were.
+
+        Nodes that do not answer within the survey timeout are not counted.
+        """
+        request_id = secrets.token_hex(8)
+        survey = self._surveys[request_id] = _Survey(set(self._live_peers()) | {self.node_id})
+        try:
+            self._send_control({"t": "disconnect", "user": user, "req": request_id})
+            survey.done.wait(SURVEY_TIMEOUT)
+        finally:
+            del self._surveys[request_id]
+        missing = survey.expected - survey.answers.keys()
+        if missing:
+            logger.warning("disconnect of %r: no answer from nodes %s", user, sorted(missing))
+        return sum(survey.answers.values())
+
+    def info(self) -> list[NodeInfo]:
+        """This node and every node heard from recently, sorted by node id."""
+        infos = {self.node_id: self.local_info()}
+        now = time.monotonic()
+        for node_id, (seen_at, info) in self._peers.items():
+            if now - seen_at < NODE_EXPIRY and node_id != self.node_id:
+                infos[node_id] = info
+        return [infos[node_id] for node_id in sorted(infos)]
+
+    def local_info(self) -> NodeInfo:
+        return NodeInfo(self.node_id, self.hub.connection_count, self.hub.subscription_count,
+                        round(time.monotonic() - self._started_at, 3))
+
+    def _live_peers(self) -> list[str]:
+        now = time.monotonic()
+        return [node_id for node_id, (seen_at, _) in self._peers.items()
+                if now - seen_at < NODE_EXPIRY]
+
+    def _disconnect_local(self, user: str) -> int:
+        connections = self.hub.connections_of(user)
+        for connection in connections:
+            self.transport.close(connection, "disconnected by the server")
+        return len(connections)
+
+    def _send_control(self, message: dict[str, Any]) -> None:
+        message = {"v": CONTROL_VERSION, "node": self.node_id, **message}
+        self.broker.publish_control(msgpack.packb(message))
+
+    def _heartbeat_loop(self) -> None:
+        """Announce this node and refresh its presence entries, forever, surviving failures."""
+        while self._running:
+            try:
+                self._send_control({"t": "node", "info": dataclasses.astuple(self.local_info())})
+                self.presence_store.refresh(self.hub.presence_entries())
+            except Exception:
+                logger.exception("heartbeat failed; retrying")
+            gevent.sleep(HEARTBEAT_INTERVAL * random.uniform(0.8, 1.0))
+
+    # -- BrokerEventHandler ------------------------------------------------------------------
+
+    def on_publication(self, publication: Publication) -> None:
+        self.hub.deliver_publication(publication)
+
+    def on_join(self, channel: str, user: str) -> None:
+        self.hub.deliver_presence_event("join", channel, user)
+
+    def on_leave(self, channel: str, user: str) -> None:
+        self.hub.deliver_presence_event("leave", channel, user)
+
+    def on_control(self, payload: bytes) -> None:
+        try:
+            message = msgpack.unpackb(payload)
+            if not isinstance(message, dict) or message.get("v") != CONTROL_VERSION:
+                raise ValueError("unknown control message version")
+            kind, sender = message["t"], message["node"]
+            if kind == "node":
+                self._peers[sender] = (time.monotonic(), NodeInfo(*message["info"]))
+            elif kind == "disconnect":
+                count = self._disconnect_local(message["user"])
+                self._send_control({"t": "disconnected", "req": message["req"], "count": count})
+            elif kind == "disconnected":
+                survey = self._surveys.get(message["req"])
+                if survey is not None:
+                    survey.answer(sender, message["count"])
+            else:
+                raise ValueError(f"unknown control message type {kind!r}")
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            logger.warning("dropped a control message that does not decode: %s", exc)
+        except RealtimeError as exc:
+            logger.warning("could not answer a control message: %s", exc)
+
+
+def _is_complete_recovery(since: StreamPosition, result: HistoryResult) -> bool:
+    """True when ``result`` holds every publication after ``since``, none missing."""
+    position = result.position
+    if since.epoch != position.epoch or not 0 <= since.offset <= position.offset:
+        return False
+    missed = position.offset - since.offset
+    publications = result.publications
+    return len(publications) == missed and (
+        missed == 0 or publications[0].offset == since.offset + 1)

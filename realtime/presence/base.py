@@ -1,0 +1,54 @@
+"""The presence store: which users are connected to which channel, across the deployment."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PresenceMember:
+    """A distinct user present in a channel, with how many of its connections are there."""
+
+    user: str
+    connections: int
+
+    def to_dict(self) -> dict:
+        return {"user": self.user, "connections": self.connections}
+
+
+class PresenceStore(abc.ABC):
+    """Connections present in channels, counted per user.
+
+    Contract, common to every implementation:
+
+    * An entry is one ``(channel, client_id)`` with its ``user``. ``add`` and ``remove`` are
+      atomic with their answer: exactly one of several concurrent ``add`` calls for a user's
+      connections sees the user as new, and exactly one ``remove`` sees it leave, so join and
+      leave events are neither doubled nor lost while the store is reachable.
+    * Entries written by a node expire ``ttl`` seconds after the node last wrote or refreshed
+      them (:meth:`refresh`), so a node that dies without cleaning up stops being counted. An
+      expired entry produces no ``leave`` event.
+    * A call that cannot reach the backing store raises :class:`~realtime.errors.Unavailable`.
+    """
+
+    @abc.abstractmethod
+    def add(self, channel: str, client_id: str, user: str) -> bool:
+        """Record the connection; True when it is the user's first one in ``channel``."""
+
+    @abc.abstractmethod
+    def remove(self, channel: str, client_id: str, user: str) -> bool:
+        """Forget the connection; True when the user has no connection left in ``channel``."""
+
+    @abc.abstractmethod
+    def members(self, channel: str) -> list[PresenceMember]:
+        """The distinct users present in ``channel``, sorted by user id."""
+
+    def refresh(self, entries: list[tuple[str, str, str]]) -> None:  # noqa: B027
+        """Extend the life of this node's live ``(channel, client_id, user)`` entries.
+
+        Stores whose entries do not expire need not do anything.
+        """
+
+    def close(self) -> None:  # noqa: B027
+        """Release connections. Idempotent."""

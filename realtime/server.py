@@ -1,0 +1,55 @@
+"""Serving one node: the gevent WSGI server with WebSocket support, and a clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import gevent
+from gevent import pywsgi
+from geventwebsocket.handler import WebSocketHandler
+
+from .app import Realtime, create_app
+from .config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def check_monkey_patched() -> None:
+    """Refuse to serve without gevent's monkey patching: blocking I/O would stall every client."""
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        raise RuntimeError("gevent monkey patching is missing: call gevent.monkey.patch_all() "
+                           "first thing in the entry point (run.py does)")
+
+
+def serve(config: Config) -> None:
+    """Run one node until SIGINT or SIGTERM."""
+    check_monkey_patched()
+    realtime: Realtime = create_app(config)
+    server = pywsgi.WSGIServer(
+        (config.host, config.port),
+        realtime.app,
+        handler_class=WebSocketHandler,
+        log=None,  # no access log line per long-polling request
+        error_log=logging.getLogger("realtime.wsgi"),
+    )
+    server.init_socket()
+    realtime.node.start()
+    host, port = server.socket.getsockname()[:2]
+    logger.info("node %s serving on http://%s:%d (broker %s)", config.node_id, host, port,
+                config.broker)
+    stopped = gevent.event.Event()
+
+    def shut_down(signum: int) -> None:
+        logger.info("received %s; stopping", signal.Signals(signum).name)
+        stopped.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, shut_down, signum)
+    server.start()
+    stopped.wait()
+    server.stop(timeout=2)
+    realtime.node.stop()
+    logger.info("node %s stopped", config.node_id)

@@ -1,0 +1,1 @@
+"""Behaviour every Broker and PresenceStore must show; each implementation's tests reuse it."""

@@ -1,0 +1,165 @@
+"""The Broker contract, run against every implementation.
+
+A subclass provides a ``broker_factory`` fixture: ``broker_factory()`` returns a new, started
+broker wired to a :class:`RecordingHandler`, as ``(broker, handler)``, all sharing one backend
+(so that two of them behave like two nodes).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from realtime.broker import HistoryOptions
+from tests.helpers import wait_until
+
+KEEP = HistoryOptions(size=100, ttl=300)
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+class BrokerContract:
+    @pytest.fixture
+    def node(self, broker_factory):
+        return broker_factory()
+
+    def test_offsets_start_at_one_and_grow_by_one_in_one_epoch(self, node):
+        broker, _ = node
+        channel = unique("c")
+        positions = [broker.publish(channel, i, user=None, history=KEEP) for i in range(3)]
+        assert [p.offset for p in positions] == [1, 2, 3]
+        assert len({p.epoch for p in positions}) == 1
+        assert positions[0].epoch
+
+    def test_channels_have_independent_streams(self, node):
+        broker, _ = node
+        a, b = unique("a"), unique("b")
+        broker.publish(a, 1, user=None, history=KEEP)
+        assert broker.publish(b, 1, user=None, history=KEEP).offset == 1
+        assert broker.publish(a, 2, user=None, history=KEEP).offset == 2
+
+    def test_history_of_a_new_channel_is_empty_with_a_stable_epoch(self, node):
+        broker, _ = node
+        channel = unique("c")
+        first = broker.history(channel, options=KEEP)
+        assert first.publications == [] and first.position.offset == 0
+        assert first.position.epoch
+        published = broker.publish(channel, "x", user=None, history=KEEP)
+        assert published.epoch == first.position.epoch
+
+    def test_history_returns_publications_oldest_first_with_their_fields(self, node):
+        broker, _ = node
+        channel = unique("c")
+        broker.publish(channel, {"n": 1}, user="alice", history=KEEP)
+        broker.publish(channel, [1, "two", None], user=None, history=KEEP)
+        result = broker.history(channel, options=KEEP)
+        assert [(p.channel, p.offset, p.data, p.user) for p in result.publications] == [
+            (channel, 1, {"n": 1}, "alice"), (channel, 2, [1, "two", None], None)]
+        assert result.position.offset == 2
+
+    def test_history_limit_keeps_the_newest(self, node):
+        broker, _ = node
+        channel = unique("c")
+        for i in range(5):
+            broker.publish(channel, i, user=None, history=KEEP)
+        assert [p.data for p in broker.history(channel, limit=2, options=KEEP).publications] \
+            == [3, 4]
+        limited = broker.history(channel, limit=0, options=KEEP)
+        assert limited.publications == [] and limited.position.offset == 5
+
+    def test_history_since_offset_returns_what_came_after(self, node):
+        broker, _ = node
+        channel = unique("c")
+        for i in range(5):
+            broker.publish(channel, i, user=None, history=KEEP)
+        result = broker.history(channel, since_offset=3, options=KEEP)
+        assert [p.offset for p in result.publications] == [4, 5]
+        assert broker.history(channel, since_offset=5, options=KEEP).publications == []
+
+    def test_history_keeps_only_the_last_size_publications(self, node):
+        broker, _ = node
+        channel = unique("c")
+        small = HistoryOptions(size=3, ttl=300)
+        for i in range(5):
+            broker.publish(channel, i, user=None, history=small)
+        result = broker.history(channel, options=small)
+        assert [p.offset for p in result.publications] == [3, 4, 5]
+        assert result.position.offset == 5
+
+    def test_publications_expire_after_ttl_but_the_position_stays(self, node):
+        broker, _ = node
+        channel = unique("c")
+        short = HistoryOptions(size=10, ttl=0.3)
+        position = broker.publish(channel, "x", user=None, history=short)
+        wait_until(lambda: not broker.history(channel, options=short).publications,
+                   message="publication to expire")
+        assert broker.history(channel, options=short).position == position
+
+    def test_a_stream_forgotten_after_meta_ttl_starts_a_new_epoch(self, node):
+        broker, _ = node
+        channel = unique("c")
+        brief = HistoryOptions(size=10, ttl=0.2, meta_ttl=0.4)
+        old = broker.publish(channel, "x", user=None, history=brief)
+
+        def restarted():
+            # Only reads here: a read must not keep an expired stream alive by itself.
+            return broker.history(channel, options=brief).position.epoch != old.epoch
+
+        wait_until(restarted, message="a new epoch")
+        fresh = broker.publish(channel, "y", user=None, history=brief)
+        assert fresh.epoch != old.epoch and fresh.offset == 1
+
+    def test_subscribed_node_receives_publications_in_order(self, broker_factory):
+        (publisher, _), (subscriber, received) = broker_factory(), broker_factory()
+        channel = unique("c")
+        subscriber.subscribe(channel)
+        for i in range(20):
+            publisher.publish(channel, i, user="u", history=KEEP)
+        wait_until(lambda: len(received.offsets(channel)) == 20, message="20 publications")
+        assert received.offsets(channel) == list(range(1, 21))
+        assert [p.data for p in received.publications] == list(range(20))
+
+    def test_unsubscribed_channels_are_not_delivered(self, broker_factory):
+        (publisher, _), (subscriber, received) = broker_factory(), broker_factory()
+        wanted, other = unique("wanted"), unique("other")
+        subscriber.subscribe(wanted)
+        publisher.publish(other, "no", user=None, history=KEEP)
+        publisher.publish(wanted, "yes", user=None, history=KEEP)
+        wait_until(lambda: received.offsets(wanted) == [1], message="the wanted publication")
+        assert received.offsets(other) == []
+
+    def test_unsubscribe_stops_delivery_and_subscribe_is_idempotent(self, broker_factory):
+        (publisher, _), (subscriber, received) = broker_factory(), broker_factory()
+        channel, marker = unique("c"), unique("marker")
+        subscriber.subscribe(channel)
+        subscriber.subscribe(channel)
+        subscriber.subscribe(marker)
+        publisher.publish(channel, 1, user=None, history=KEEP)
+        wait_until(lambda: received.offsets(channel) == [1], message="first publication")
+        subscriber.unsubscribe(channel)
+        publisher.publish(channel, 2, user=None, history=KEEP)
+        publisher.publish(marker, "after", user=None, history=KEEP)
+        # The marker was published after the second publication: once it is in, the second one
+        # would have been too.
+        wait_until(lambda: received.offsets(marker) == [1], message="the marker")
+        assert received.offsets(channel) == [1]
+
+    def test_join_and_leave_reach_subscribed_nodes_only(self, broker_factory):
+        (sender, _), (subscriber, received) = broker_factory(), broker_factory()
+        channel, other = unique("c"), unique("other")
+        subscriber.subscribe(channel)
+        sender.publish_join(other, "nobody")
+        sender.publish_join(channel, "alice")
+        sender.publish_leave(channel, "alice")
+        wait_until(lambda: received.leaves, message="the leave")
+        assert received.joins == [(channel, "alice")]
+        assert received.leaves == [(channel, "alice")]
+
+    def test_control_messages_reach_every_node_including_the_sender(self, broker_factory):
+        (sender, sent), (_other, received) = broker_factory(), broker_factory()
+        sender.publish_control(b"\x81\xa1t\xa4ping")
+        wait_until(lambda: sent.controls and received.controls, message="control on both")
+        assert sent.controls == received.controls == [b"\x81\xa1t\xa4ping"]

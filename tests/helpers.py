@@ -1,0 +1,59 @@
+"""Helpers shared by every test layer: waiting on conditions, recording broker events."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    Sleeps with gevent so that greenlets of the code under test (deferred sends, broker
+    readers) get to run in unit tests; outside gevent code it is an ordinary sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        gevent.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class RecordingHandler:
+    """A BrokerEventHandler that remembers what it was given."""
+
+    def __init__(self) -> None:
+        self.publications: list = []
+        self.joins: list[tuple[str, str]] = []
+        self.leaves: list[tuple[str, str]] = []
+        self.controls: list[bytes] = []
+
+    def on_publication(self, publication) -> None:
+        self.publications.append(publication)
+
+    def on_join(self, channel: str, user: str) -> None:
+        self.joins.append((channel, user))
+
+    def on_leave(self, channel: str, user: str) -> None:
+        self.leaves.append((channel, user))
+
+    def on_control(self, payload: bytes) -> None:
+        self.controls.append(payload)
+
+    def offsets(self, channel: str) -> list[int]:
+        return [p.offset for p in self.publications if p.channel == channel]
