@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {field.name: getattr(args, field.name) for field in Config.fields()}
         try:
             config = Config.load(overrides, config_file=args.config)
+            configure_logging(config.log_level)
+            from .server import serve as serve_node
+
+            serve_node(config)
         except ConfigError as exc:
             print(f"run.py: configuration error: {exc}", file=sys.stderr)
             return 2
-        configure_logging(config.log_level)
-        from .server import serve as serve_node
-
-        serve_node(config)
         return 0
     build_parser().print_help()
     return 2

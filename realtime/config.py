@@ -18,6 +18,7 @@ from typing import Any
 
 ENV_PREFIX = "REALTIME_"
 NODE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,6 +90,8 @@ class Config:
         for name in ("history_ttl", "presence_ttl", "ping_interval", "ping_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
 
     @property
     def presence_url(self) -> str:

@@ -10,7 +10,7 @@ from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 
 from .app import Realtime, create_app
-from .config import Config
+from .config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def check_monkey_patched() -> None:
 
 
 def serve(config: Config) -> None:
-    """Run one node until SIGINT or SIGTERM."""
+    """Run one node until SIGINT or SIGTERM. Raises ConfigError when it cannot start."""
     check_monkey_patched()
     realtime: Realtime = create_app(config)
     server = pywsgi.WSGIServer(
@@ -35,7 +35,10 @@ def serve(config: Config) -> None:
         log=None,  # no access log line per long-polling request
         error_log=logging.getLogger("realtime.wsgi"),
     )
-    server.init_socket()
+    try:
+        server.init_socket()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
     realtime.node.start()
     host, port = server.socket.getsockname()[:2]
     logger.info("node %s serving on http://%s:%d (broker %s)", config.node_id, host, port,

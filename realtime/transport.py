@@ -8,11 +8,14 @@ hub or the node.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import socketio
+from engineio import exceptions as eio_exceptions
+from engineio import payload as eio_payload
 from socketio import packet as sio_packet
 
 from .hub import Connection
@@ -72,6 +75,51 @@ def _run_logged(callback: Callable[[], None]) -> None:
         logger.exception("deferred transport callback failed")
 
 
+def cap_packets_per_poll(server: socketio.Server) -> None:
+    """Send at most as many packets per long-polling response as python clients accept.
+
+    python-engineio's client refuses a payload of more than ``Payload.max_decode_packets`` (16)
+    packets and drops the connection, while its server sends everything queued in one response.
+    A burst of publications would then cut off every python-socketio client on long-polling. The
+    rest of the queue goes out with the next poll, which the client sends at once.
+    """
+    limit = eio_payload.Payload.max_decode_packets
+    handle_connect = server.eio.handlers["connect"]
+
+    def connect_with_capped_polls(eio_sid: str, environ: dict, *args: Any) -> Any:
+        eio_socket = server.eio.sockets.get(eio_sid)
+        if eio_socket is not None:
+            eio_socket.poll = functools.partial(_capped_poll, eio_socket, limit)
+        return handle_connect(eio_sid, environ, *args)
+
+    server.eio.on("connect", connect_with_capped_polls)
+
+
+def _capped_poll(eio_socket: Any, limit: int) -> list:
+    # engineio.socket.Socket.poll, with a cap on how many packets one call returns.
+    queue_empty = eio_socket.server.get_queue_empty_exception()
+    server = eio_socket.server
+    try:
+        first = eio_socket.queue.get(timeout=server.ping_interval + server.ping_timeout)
+        eio_socket.queue.task_done()
+    except queue_empty:
+        raise eio_exceptions.QueueEmpty() from None
+    if first is None:
+        return []
+    packets = [first]
+    while len(packets) < limit:
+        try:
+            pkt = eio_socket.queue.get(block=False)
+            eio_socket.queue.task_done()
+        except queue_empty:
+            break
+        if pkt is None:  # the close marker: leave it for the next poll
+            eio_socket.queue.put(None)
+            break
+        packets.append(pkt)
+    return packets
+
+
 def guard_malformed_packets(server: socketio.Server) -> None:
     """Close connections that send undecodable Socket.IO packets, with one log line.
 
@@ -84,8 +132,11 @@ def guard_malformed_packets(server: socketio.Server) -> None:
     def guarded(eio_sid: str, data: Any) -> None:
         try:
             handle_message(eio_sid, data)
-        except ValueError as exc:
-            logger.info("closing %s: malformed Socket.IO packet (%s)", eio_sid, exc)
+        except Exception as exc:
+            # Our event handlers answer every error with an ack, so what reaches here is
+            # python-socketio failing on the packet itself (bad JSON, no event name, ...).
+            logger.info("closing %s: malformed Socket.IO packet (%s: %s)", eio_sid,
+                        type(exc).__name__, exc)
             server.eio.disconnect(eio_sid)
 
     server.eio.on("message", guarded)

@@ -1,0 +1,65 @@
+"""Socket.IO clients for integration tests that keep the order in which events arrived."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import engineio
+import socketio
+
+from tests.helpers import wait_until
+
+
+class _InOrderEngineIOClient(engineio.Client):
+    # python-engineio's client runs each message handler in a new thread, which loses the
+    # order in which messages arrived; tests that check ordering need it kept.
+    def _trigger_event(self, event, *args, **kwargs):
+        kwargs["run_async"] = False
+        return super()._trigger_event(event, *args, **kwargs)
+
+
+class RecordingClient(socketio.Client):
+    """A python-socketio client recording every event, acks included, in arrival order.
+
+    Its handlers run on the reading thread: call ``call``/``emit`` from the test thread only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(reconnection=False)
+        self.received: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        for name in ("message", "join", "leave"):
+            self.on(name, self._recorder(name))
+
+    def _engineio_client_class(self):
+        return _InOrderEngineIOClient
+
+    def _recorder(self, name: str):
+        def record(payload: Any) -> None:
+            with self._lock:
+                self.received.append((name, payload))
+        return record
+
+    def emit_recorded(self, event: str, payload: Any) -> None:
+        """Emit with an ack that is recorded as ``("ack:<event>", answer)`` in arrival order."""
+        self.emit(event, payload, callback=self._recorder("ack:" + event))
+
+    def events(self, name: str) -> list[Any]:
+        with self._lock:
+            return [payload for event, payload in self.received if event == name]
+
+    def messages(self, channel: str) -> list[dict]:
+        return [m for m in self.events("message") if m["channel"] == channel]
+
+    def wait_messages(self, channel: str, count: int, timeout: float = 10.0) -> list[dict]:
+        return wait_until(lambda: len(self.messages(channel)) >= count and self.messages(channel),
+                          timeout, message=f"{count} messages on {channel}")
+
+
+def connect_client(url: str, transport: str, user: str | None = None,
+                   path: str = "socket.io") -> RecordingClient:
+    client = RecordingClient()
+    client.connect(url, transports=[transport], auth={"user": user} if user else None,
+                   socketio_path=path, wait_timeout=10)
+    return client

@@ -1,0 +1,29 @@
+import uuid
+
+import pytest
+
+from tests.integration.processes import NodeProcess
+
+
+@pytest.fixture(scope="session")
+def single_node(tmp_path_factory):
+    """One node process on the embedded broker, shared by the single-node tests."""
+    node = NodeProcess(tmp_path_factory.mktemp("single"), "single",
+                       "--history-size", "50").wait_ready()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def channel():
+    """A channel name no other test uses."""
+    return "t:" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def clients():
+    """Collects clients to disconnect after the test."""
+    made = []
+    yield made
+    for client in made:
+        client.disconnect()
