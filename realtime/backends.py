@@ -7,16 +7,22 @@ from urllib.parse import urlsplit
 
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
+from .broker.redis import RedisBroker
 from .config import Config, ConfigError
 from .presence.base import PresenceStore
 from .presence.memory import MemoryPresenceStore
+from .presence.redis import RedisPresenceStore
 
 BrokerFactory = Callable[[str, Config], Broker]
 PresenceFactory = Callable[[str, Config], PresenceStore]
 
-_BROKERS: dict[str, BrokerFactory] = {"memory": lambda url, config: MemoryBroker()}
+_BROKERS: dict[str, BrokerFactory] = {
+    "memory": lambda url, config: MemoryBroker(),
+    "redis": lambda url, config: RedisBroker(url),
+}
 _PRESENCE_STORES: dict[str, PresenceFactory] = {
     "memory": lambda url, config: MemoryPresenceStore(),
+    "redis": lambda url, config: RedisPresenceStore(url, ttl=config.presence_ttl),
 }
 
 

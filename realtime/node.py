@@ -8,7 +8,6 @@ method here, and translate :class:`~realtime.errors.RealtimeError` into their ow
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import secrets
@@ -17,7 +16,6 @@ from typing import Any
 
 import gevent
 import gevent.event
-import msgpack
 
 from .broker.base import (
     Broker,
@@ -27,13 +25,14 @@ from .broker.base import (
     StreamPosition,
 )
 from .config import Config
-from .errors import BadRequest, RealtimeError, TooLarge
+from .control import ControlMessageError, decode_control, encode_control
+from .errors import RealtimeError
 from .hub import Connection, Hub, Subscribed, Transport
+from .payloads import check_publication_data
 from .presence.base import PresenceMember, PresenceStore
 
 logger = logging.getLogger(__name__)
 
-CONTROL_VERSION = 1
 HEARTBEAT_INTERVAL = 2.0
 NODE_EXPIRY = 3 * HEARTBEAT_INTERVAL
 SURVEY_TIMEOUT = 2.0
@@ -144,8 +143,9 @@ class Node:
         if added is Subscribed.ALREADY:
             return self._position_for(channel, since)
         try:
-            if added is Subscribed.FIRST_ON_NODE:
-                self.broker.subscribe(channel)
+            # Every subscriber waits for the node's broker subscription, not only the first:
+            # a second one must not read the stream position before it is confirmed.
+            self.broker.subscribe(channel)
             result = self._position_for(channel, since)
             if self.presence_store.add(channel, connection.client_id, connection.user):
                 self.broker.publish_join(channel, connection.user)
@@ -198,14 +198,7 @@ class Node:
 
     def check_data_size(self, data: Any) -> None:
         """Raise unless ``data`` is a JSON value no larger than the configured limit."""
-        try:
-            encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False,
-                                 allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise BadRequest("data must be a JSON value") from exc
-        size = len(encoded.encode())
-        if size > self.config.max_message_size:
-            raise TooLarge(f"data is {size} bytes; the limit is {self.config.max_message_size}")
+        check_publication_data(data, self.config.max_message_size)
 
     def history(self, channel: str, limit: int | None = None) -> HistoryResult:
         """The last ``limit`` publications of ``channel`` (all kept when None), oldest first."""
@@ -224,7 +217,7 @@ class Node:
         request_id = secrets.token_hex(8)
         survey = self._surveys[request_id] = _Survey(set(self._live_peers()) | {self.node_id})
         try:
-            self._send_control({"t": "disconnect", "user": user, "req": request_id})
+            self._send_control("disconnect", user=user, req=request_id)
             survey.done.wait(SURVEY_TIMEOUT)
         finally:
             del self._surveys[request_id]
@@ -257,16 +250,19 @@ class Node:
             self.transport.close(connection, "disconnected by the server")
         return len(connections)
 
-    def _send_control(self, message: dict[str, Any]) -> None:
-        message = {"v": CONTROL_VERSION, "node": self.node_id, **message}
-        self.broker.publish_control(msgpack.packb(message))
+    def _send_control(self, kind: str, **fields: Any) -> None:
+        self.broker.publish_control(encode_control(self.node_id, kind, **fields))
 
     def _heartbeat_loop(self) -> None:
         """Announce this node and refresh its presence entries, forever, surviving failures."""
+        presence_due = 0.0
         while self._running:
             try:
-                self._send_control({"t": "node", "info": dataclasses.astuple(self.local_info())})
-                self.presence_store.refresh(self.hub.presence_entries())
+                self._send_control("node", info=dataclasses.astuple(self.local_info()))
+                if time.monotonic() >= presence_due:
+                    # A third of the TTL: an entry survives two missed refreshes.
+                    presence_due = time.monotonic() + self.config.presence_ttl / 3
+                    self.presence_store.refresh(self.hub.presence_entries())
             except Exception:
                 logger.exception("heartbeat failed; retrying")
             gevent.sleep(HEARTBEAT_INTERVAL * random.uniform(0.8, 1.0))
@@ -284,22 +280,21 @@ class Node:
 
     def on_control(self, payload: bytes) -> None:
         try:
-            message = msgpack.unpackb(payload)
-            if not isinstance(message, dict) or message.get("v") != CONTROL_VERSION:
-                raise ValueError("unknown control message version")
+            message = decode_control(payload)
             kind, sender = message["t"], message["node"]
             if kind == "node":
                 self._peers[sender] = (time.monotonic(), NodeInfo(*message["info"]))
             elif kind == "disconnect":
                 count = self._disconnect_local(message["user"])
-                self._send_control({"t": "disconnected", "req": message["req"], "count": count})
+                if message.get("req") is not None:  # emitters do not wait for answers
+                    self._send_control("disconnected", req=message["req"], count=count)
             elif kind == "disconnected":
                 survey = self._surveys.get(message["req"])
                 if survey is not None:
                     survey.answer(sender, message["count"])
             else:
-                raise ValueError(f"unknown control message type {kind!r}")
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+                raise ControlMessageError(f"unknown control message type {kind!r}")
+        except (ControlMessageError, KeyError, TypeError) as exc:
             logger.warning("dropped a control message that does not decode: %s", exc)
         except RealtimeError as exc:
             logger.warning("could not answer a control message: %s", exc)

@@ -93,7 +93,8 @@ class Broker(abc.ABC):
       not subscribe to. Nothing is retried: a node that misses publications (an outage) learns it
       from the stream position, and clients recover from history.
     * **Subscribe.** When ``subscribe`` returns, every later publication on the channel reaches
-      the handler; it is idempotent per channel, and so is ``unsubscribe``.
+      the handler; it is idempotent per channel (a repeated call returns once the subscription
+      is confirmed), and so is ``unsubscribe``.
     * **Outages.** A call that cannot reach the backing store raises
       :class:`~realtime.errors.Unavailable` (``temporary``); it never blocks longer than the
       backend's timeout. Background delivery reconnects and resubscribes by itself.

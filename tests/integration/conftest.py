@@ -2,7 +2,7 @@ import uuid
 
 import pytest
 
-from tests.integration.processes import NodeProcess
+from tests.integration.processes import NodeProcess, RedisProcess
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +27,11 @@ def clients():
     yield made
     for client in made:
         client.disconnect()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A redis-server of the tests' own, on a free port."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).wait_ready()
+    yield server
+    server.stop()

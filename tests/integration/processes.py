@@ -81,6 +81,34 @@ class NodeProcess(ManagedProcess):
         return self
 
 
+class RedisProcess(ManagedProcess):
+    """A throw-away redis-server on a free loopback port (never the machine's 6379)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(log_dir)]
+        super().__init__("redis", argv, log_dir / "redis.log")
+
+    def wait_ready(self, timeout: float = 10.0) -> RedisProcess:
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+
+        def ready() -> bool:
+            if not self.alive():
+                raise AssertionError(f"redis-server exited:\n{self.log()}")
+            try:
+                return client.ping()
+            except redis.ConnectionError:
+                return False
+
+        wait_until(ready, timeout, interval=0.05, message="redis-server")
+        client.close()
+        return self
+
+
 def wait_port_closed(port: int, timeout: float = 10.0) -> None:
     import socket
 

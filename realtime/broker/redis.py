@@ -1,0 +1,245 @@
+"""The Redis broker: history in Redis, fan-out through Redis pub/sub, one node among many."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+import redis
+
+from ..errors import Unavailable
+from ..redis_support import (
+    CONTROL_CHANNEL,
+    PUBSUB_CHANNEL_PREFIX,
+    create_client,
+    pubsub_channel,
+    translate_redis_errors,
+)
+from .base import (
+    Broker,
+    BrokerEventHandler,
+    HistoryOptions,
+    HistoryResult,
+    StreamPosition,
+)
+from .redis_streams import RedisStreams, WireFormatError, decode_message, encode_presence_message
+
+logger = logging.getLogger(__name__)
+
+PING_INTERVAL = 5.0
+MAX_BACKOFF = 5.0
+CONTROL_KEY = CONTROL_CHANNEL.encode()
+
+
+class _Subscription:
+    """Confirmation state of one pub/sub channel on this node's subscriber connection."""
+
+    __slots__ = ("unconfirmed", "confirmed")
+
+    def __init__(self) -> None:
+        self.unconfirmed = 0  # SUBSCRIBE commands sent and not yet answered
+        self.confirmed = gevent.event.Event()
+
+
+class RedisBroker(Broker):
+    """:class:`Broker` over Redis, for any number of nodes sharing one Redis.
+
+    * Publishing runs one Lua script (see :mod:`.redis_streams`) on a pooled connection: the
+      append to history, the offset and the PUBLISH are one atomic step.
+    * Each node holds one pub/sub connection subscribed to the control channel and to exactly
+      the channels it has local subscribers for, so a node receives one Redis message per
+      publication on those channels and nothing else. One greenlet reads it and calls the
+      handler in the order Redis delivers, which is offset order per channel.
+    * ``subscribe`` returns once Redis has confirmed the subscription: every publication
+      after that reaches this node.
+    * Redis down: calls raise :class:`~realtime.errors.Unavailable` within the socket timeout;
+      the reader reconnects with jittered exponential back-off and resubscribes everything.
+      Publications made while the subscriber connection was down are not delivered live (they
+      are in history, for clients to recover).
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 64, timeout: float = 5.0) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._client = create_client(url, pool_size=pool_size, timeout=timeout)
+        self._streams = RedisStreams(self._client)
+        self._handler: BrokerEventHandler | None = None
+        self._wanted: dict[bytes, _Subscription] = {}
+        self._pubsub: Any = None
+        self._connected = gevent.event.Event()
+        self._send_lock = gevent.lock.Semaphore()
+        self._reader: gevent.Greenlet | None = None
+        self._running = False
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self, handler: BrokerEventHandler) -> None:
+        self._handler = handler
+        self._running = True
+        self._reader = gevent.spawn(self._read_forever)
+        if not self._connected.wait(self._timeout):
+            logger.warning("redis at %s is not reachable yet; retrying in the background",
+                           self._url)
+
+    def close(self) -> None:
+        self._running = False
+        if self._reader is not None:
+            self._reader.kill()
+        self._close_pubsub()
+        self._client.close()
+        self._client.connection_pool.disconnect()
+
+    def is_healthy(self) -> bool:
+        return self._running and self._connected.is_set()
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def publish(self, channel: str, data: Any, *, user: str | None,
+                history: HistoryOptions) -> StreamPosition:
+        return self._streams.publish(channel, data, user, history)
+
+    def publish_join(self, channel: str, user: str) -> None:
+        self._publish_raw(pubsub_channel(channel), encode_presence_message("j", user))
+
+    def publish_leave(self, channel: str, user: str) -> None:
+        self._publish_raw(pubsub_channel(channel), encode_presence_message("l", user))
+
+    def publish_control(self, payload: bytes) -> None:
+        self._publish_raw(CONTROL_CHANNEL, payload)
+
+    def _publish_raw(self, redis_channel: str, payload: bytes) -> None:
+        with translate_redis_errors("publish"):
+            self._client.publish(redis_channel, payload)
+
+    def history(self, channel: str, *, since_offset: int | None = None,
+                limit: int | None = None, options: HistoryOptions) -> HistoryResult:
+        return self._streams.history(channel, since_offset=since_offset, limit=limit,
+                                     options=options)
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def subscribe(self, channel: str) -> None:
+        key = pubsub_channel(channel).encode()
+        subscription = self._wanted.get(key)
+        if subscription is None:
+            if not self._connected.is_set():
+                raise Unavailable("not connected to redis")
+            subscription = self._wanted[key] = _Subscription()
+            subscription.unconfirmed += 1
+            self._send("SUBSCRIBE", key)
+        if not subscription.confirmed.wait(self._timeout):
+            raise Unavailable("redis did not confirm the subscription in time")
+
+    def unsubscribe(self, channel: str) -> None:
+        key = pubsub_channel(channel).encode()
+        if self._wanted.pop(key, None) is not None and self._connected.is_set():
+            # On failure the reader reconnects and resubscribes only what is still wanted.
+            with contextlib.suppress(Unavailable):
+                self._send("UNSUBSCRIBE", key)
+
+    def _send(self, command: str, *channels: bytes) -> None:
+        with self._send_lock, translate_redis_errors(command.lower()):
+            pubsub = self._pubsub
+            if pubsub is None:
+                raise redis.ConnectionError("no subscriber connection")
+            pubsub.execute_command(command, *channels)
+
+    # -- the reader --------------------------------------------------------------------------
+
+    def _read_forever(self) -> None:
+        """Read the subscriber connection; on any failure reconnect with back-off, forever."""
+        backoff = 0.1
+        while self._running:
+            try:
+                self._connect()
+                backoff = 0.1
+                self._read()
+            except Exception as exc:
+                if not self._running:
+                    return
+                if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                    logger.warning("redis subscriber connection lost: %s", exc)
+                else:
+                    logger.exception("redis subscriber failed")
+            self._connected.clear()
+            self._close_pubsub()
+            gevent.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _connect(self) -> None:
+        """Open a subscriber connection and subscribe to control and every wanted channel."""
+        pubsub = self._client.pubsub()
+        channels = [CONTROL_KEY, *self._wanted]
+        for subscription in self._wanted.values():
+            subscription.unconfirmed = 1
+            subscription.confirmed.clear()
+        with self._send_lock:
+            self._pubsub = pubsub
+            pubsub.execute_command("SUBSCRIBE", *channels)
+        logger.info("subscribed to redis at %s (%d channels)", self._url, len(channels))
+
+    def _read(self) -> None:
+        pubsub = self._pubsub
+        last_heard = time.monotonic()
+        ping_sent = False
+        while self._running:
+            # Raw replies: redis-py's get_message() keeps its own idea of what is subscribed,
+            # which we bypass to own resubscription.
+            response = pubsub.parse_response(block=False, timeout=1.0)
+            now = time.monotonic()
+            if response is None:
+                if ping_sent and now - last_heard > PING_INTERVAL + self._timeout:
+                    raise redis.TimeoutError("no answer to PING on the subscriber connection")
+                if not ping_sent and now - last_heard > PING_INTERVAL:
+                    self._send("PING")
+                    ping_sent = True
+                continue
+            last_heard, ping_sent = now, False
+            if isinstance(response, list) and len(response) == 3:
+                self._dispatch(response[0], response[1], response[2])
+
+    def _dispatch(self, kind: bytes, redis_channel: bytes, payload: Any) -> None:
+        if kind == b"message":
+            if redis_channel == CONTROL_KEY:
+                self._handler.on_control(payload)
+            else:
+                self._dispatch_channel_message(redis_channel, payload)
+        elif kind == b"subscribe":
+            if redis_channel == CONTROL_KEY:
+                self._connected.set()
+                return
+            subscription = self._wanted.get(redis_channel)
+            if subscription is not None:
+                subscription.unconfirmed -= 1
+                if subscription.unconfirmed <= 0:
+                    subscription.confirmed.set()
+
+    def _dispatch_channel_message(self, redis_channel: bytes, blob: bytes) -> None:
+        if redis_channel not in self._wanted:
+            return  # still arriving after an UNSUBSCRIBE
+        channel = redis_channel[len(PUBSUB_CHANNEL_PREFIX):].decode()
+        try:
+            kind, value = decode_message(channel, blob)
+        except WireFormatError as exc:
+            logger.warning("dropped a message on %s that does not decode: %s", channel, exc)
+            return
+        if kind == "p":
+            self._handler.on_publication(value)
+        elif kind == "j":
+            self._handler.on_join(channel, value)
+        else:
+            self._handler.on_leave(channel, value)
+
+    def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.reset()
+            except Exception:
+                logger.debug("closing the subscriber connection failed", exc_info=True)

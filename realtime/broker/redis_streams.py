@@ -1,0 +1,159 @@
+"""Channel history streams in Redis, and publishing into them: shared by broker and emitter.
+
+History is a Redis list per channel, newest first, trimmed to the history size, next to a
+small hash holding the stream's epoch and top offset. Lists rather than Streams: the history
+is short (100 by default), so recovery reads the whole list at once; a list trimmed with LTRIM
+costs O(1) per publish and uses less memory than a Stream for small entries, and the Stream's
+strength, ranges by ID, buys nothing at this size.
+
+One Lua script appends, assigns the offset and PUBLISHes, so offsets are gap-free and in the
+same order in history and on the wire, whichever node or emitter publishes.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import msgpack
+import redis
+
+from ..errors import BadRequest
+from ..redis_support import pubsub_channel, stream_keys, translate_redis_errors
+from .base import HistoryOptions, HistoryResult, Publication, StreamPosition
+
+WIRE_VERSION = 1
+
+# Entries and messages are a msgpack header followed by the msgpack body [data, user], which
+# the publisher packs once: the script never decodes it.
+#   history entry:        [offset, expires_at_ms] body
+#   publication message:  [WIRE_VERSION, "p", offset] body
+PUBLISH_SCRIPT = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+if redis.call('HSETNX', KEYS[2], 'e', ARGV[5]) == 1 then
+  -- a new epoch: whatever history outlived the old meta belongs to a forgotten stream
+  redis.call('DEL', KEYS[1])
+end
+local offset = redis.call('HINCRBY', KEYS[2], 'o', 1)
+local epoch = redis.call('HGET', KEYS[2], 'e')
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+local ttl_ms = tonumber(ARGV[3])
+redis.call('LPUSH', KEYS[1], cmsgpack.pack({offset, now_ms + ttl_ms}) .. ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('PEXPIRE', KEYS[1], ttl_ms)
+redis.call('PUBLISH', ARGV[6], cmsgpack.pack({tonumber(ARGV[7]), 'p', offset}) .. ARGV[1])
+return {epoch, offset}
+"""
+
+# Returns {epoch, offset, now_ms, entries (newest first)}; creates the stream when missing.
+HISTORY_SCRIPT = """
+if redis.call('HSETNX', KEYS[2], 'e', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], 'o', 0)
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('DEL', KEYS[1])
+end
+local meta = redis.call('HMGET', KEYS[2], 'e', 'o')
+local count = tonumber(ARGV[3])
+local entries = {}
+if count < 0 then
+  entries = redis.call('LRANGE', KEYS[1], 0, -1)
+elseif count > 0 then
+  entries = redis.call('LRANGE', KEYS[1], 0, count - 1)
+end
+local now = redis.call('TIME')
+return {meta[1], tonumber(meta[2]), tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
+        entries}
+"""
+
+
+class WireFormatError(ValueError):
+    """Bytes from Redis that are not a publication of a known version."""
+
+
+def pack_body(data: Any, user: str | None) -> bytes:
+    try:
+        return msgpack.packb([data, user])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest("data cannot be stored (integers must fit in 64 bits)") from exc
+
+
+def _unpack_two(blob: bytes) -> tuple[Any, Any]:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(blob)
+    try:
+        header, body = next(unpacker), next(unpacker)
+    except (StopIteration, ValueError, msgpack.UnpackException) as exc:
+        raise WireFormatError(f"undecodable message: {exc}") from exc
+    if not isinstance(header, list) or not isinstance(body, list) or len(body) != 2:
+        raise WireFormatError("message has the wrong shape")
+    return header, body
+
+
+def decode_publication_message(channel: str, blob: bytes) -> Publication:
+    """Decode a publication as published by :data:`PUBLISH_SCRIPT`."""
+    header, (data, user) = _unpack_two(blob)
+    if len(header) != 3 or header[0] != WIRE_VERSION or header[1] != "p":
+        raise WireFormatError(f"unknown message header {header!r}")
+    return Publication(channel, header[2], data, user)
+
+
+def encode_presence_message(kind: str, user: str) -> bytes:
+    """A join (``"j"``) or leave (``"l"``) message on a channel's pub/sub channel."""
+    return msgpack.packb([WIRE_VERSION, kind, user])
+
+
+def decode_message(channel: str, blob: bytes) -> tuple[str, Any]:
+    """Decode anything on a channel's pub/sub channel: ``("p", Publication)`` or
+    ``("j" | "l", user)``."""
+    try:
+        head = msgpack.Unpacker(raw=False)
+        head.feed(blob)
+        first = next(head)
+    except (StopIteration, ValueError, msgpack.UnpackException) as exc:
+        raise WireFormatError(f"undecodable message: {exc}") from exc
+    if isinstance(first, list) and len(first) == 3 and first[0] == WIRE_VERSION:
+        if first[1] == "p":
+            return "p", decode_publication_message(channel, blob)
+        if first[1] in ("j", "l") and isinstance(first[2], str):
+            return first[1], first[2]
+    raise WireFormatError(f"unknown message header {first!r}")
+
+
+class RedisStreams:
+    """Publishing into and reading channel streams; safe to share between greenlets/threads."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._publish = client.register_script(PUBLISH_SCRIPT)
+        self._history = client.register_script(HISTORY_SCRIPT)
+
+    def publish(self, channel: str, data: Any, user: str | None,
+                options: HistoryOptions) -> StreamPosition:
+        body = pack_body(data, user)
+        with translate_redis_errors("publish"):
+            epoch, offset = self._publish(
+                keys=stream_keys(channel),
+                args=[body, options.size, max(1, int(options.ttl * 1000)),
+                      max(1, int(options.meta_ttl)), _new_epoch(), pubsub_channel(channel),
+                      WIRE_VERSION])
+        return StreamPosition(epoch.decode(), int(offset))
+
+    def history(self, channel: str, *, since_offset: int | None, limit: int | None,
+                options: HistoryOptions) -> HistoryResult:
+        count = -1 if since_offset is not None or limit is None else limit
+        with translate_redis_errors("history"):
+            epoch, offset, now_ms, entries = self._history(
+                keys=stream_keys(channel),
+                args=[_new_epoch(), max(1, int(options.meta_ttl)), count])
+        publications = []
+        for entry in reversed(entries):
+            (entry_offset, expires_at), (data, user) = _unpack_two(entry)
+            if expires_at > now_ms and (since_offset is None or entry_offset > since_offset):
+                publications.append(Publication(channel, entry_offset, data, user))
+        return HistoryResult(publications, StreamPosition(epoch.decode(), int(offset)))
+
+
+def _new_epoch() -> str:
+    """A candidate epoch; the script keeps it only when the stream is new."""
+    return secrets.token_urlsafe(6)

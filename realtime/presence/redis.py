@@ -1,0 +1,100 @@
+"""Presence in Redis, shared by every node, with entries that expire unless refreshed."""
+
+from __future__ import annotations
+
+from ..redis_support import create_client, presence_keys, translate_redis_errors
+from .base import PresenceMember, PresenceStore
+
+# KEYS: entry expiries (zset client -> expires_at_ms), entry users (hash client -> user),
+# connection counts (hash user -> count). Every script first drops expired entries, so
+# counts only ever include live entries, and join/leave answers stay exact.
+_EXPIRE_STALE = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+for _, client in ipairs(stale) do
+  local user = redis.call('HGET', KEYS[2], client)
+  redis.call('ZREM', KEYS[1], client)
+  redis.call('HDEL', KEYS[2], client)
+  if user and redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
+    redis.call('HDEL', KEYS[3], user)
+  end
+end
+"""
+
+# ARGV: client, user, ttl_ms. Returns 1 when this is the user's first connection.
+ADD_SCRIPT = _EXPIRE_STALE + """
+local ttl_ms = tonumber(ARGV[3])
+local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now_ms + ttl_ms, ARGV[1])
+local first = 0
+if not known then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  if redis.call('HINCRBY', KEYS[3], ARGV[2], 1) == 1 then first = 1 end
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+return first
+"""
+
+# ARGV: client. Returns 1 when the user has no connection left.
+REMOVE_SCRIPT = _EXPIRE_STALE + """
+local user = redis.call('HGET', KEYS[2], ARGV[1])
+if not user then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+if redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
+  redis.call('HDEL', KEYS[3], user)
+  return 1
+end
+return 0
+"""
+
+MEMBERS_SCRIPT = _EXPIRE_STALE + """
+return redis.call('HGETALL', KEYS[3])
+"""
+
+
+class RedisPresenceStore(PresenceStore):
+    """:class:`PresenceStore` in Redis; each call is one atomic Lua script.
+
+    Entries live ``ttl`` seconds past their last add or refresh, measured on the Redis clock,
+    so a node killed without cleaning up drops out of presence within ``ttl``. Redis down:
+    :class:`~realtime.errors.Unavailable`.
+    """
+
+    def __init__(self, url: str, *, ttl: float, pool_size: int = 64,
+                 timeout: float = 5.0) -> None:
+        self._ttl_ms = max(1, int(ttl * 1000))
+        self._client = create_client(url, pool_size=pool_size, timeout=timeout)
+        self._add = self._client.register_script(ADD_SCRIPT)
+        self._remove = self._client.register_script(REMOVE_SCRIPT)
+        self._members = self._client.register_script(MEMBERS_SCRIPT)
+
+    def add(self, channel: str, client_id: str, user: str) -> bool:
+        with translate_redis_errors("presence add"):
+            return self._add(keys=presence_keys(channel),
+                             args=[client_id, user, self._ttl_ms]) == 1
+
+    def remove(self, channel: str, client_id: str, user: str) -> bool:
+        with translate_redis_errors("presence remove"):
+            return self._remove(keys=presence_keys(channel), args=[client_id]) == 1
+
+    def members(self, channel: str) -> list[PresenceMember]:
+        with translate_redis_errors("presence"):
+            flat = self._members(keys=presence_keys(channel))
+        counts = {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return [PresenceMember(user, counts[user]) for user in sorted(counts)]
+
+    def refresh(self, entries: list[tuple[str, str, str]]) -> None:
+        if not entries:
+            return
+        with translate_redis_errors("presence refresh"):
+            pipeline = self._client.pipeline(transaction=False)
+            for channel, client_id, user in entries:
+                self._add(keys=presence_keys(channel), args=[client_id, user, self._ttl_ms],
+                          client=pipeline)
+            pipeline.execute()
+
+    def close(self) -> None:
+        self._client.close()
+        self._client.connection_pool.disconnect()

@@ -1,0 +1,66 @@
+"""What the Redis broker, the Redis presence store and the emitter share: clients, keys, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .errors import Unavailable
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "rt"
+CONTROL_CHANNEL = KEY_PREFIX + ":control"
+DEFAULT_POOL_SIZE = 64
+DEFAULT_TIMEOUT = 5.0
+
+
+def stream_keys(channel: str) -> tuple[str, str]:
+    """Keys of a channel's history list and stream meta hash.
+
+    Both share the ``{channel}`` hash tag so that one Lua script may touch them in Redis Cluster.
+    """
+    return f"{KEY_PREFIX}:{{{channel}}}:h", f"{KEY_PREFIX}:{{{channel}}}:m"
+
+
+def presence_keys(channel: str) -> tuple[str, str, str]:
+    """Keys of a channel's presence: entry expiries, entry users, connection counts per user."""
+    base = f"{KEY_PREFIX}:{{{channel}}}"
+    return base + ":p", base + ":pu", base + ":pc"
+
+
+def pubsub_channel(channel: str) -> str:
+    return f"{KEY_PREFIX}:c:{channel}"
+
+
+PUBSUB_CHANNEL_PREFIX = pubsub_channel("").encode()
+
+
+def create_client(url: str, *, pool_size: int = DEFAULT_POOL_SIZE,
+                  timeout: float = DEFAULT_TIMEOUT) -> redis.Redis:
+    """A Redis client for ``url`` whose calls fail fast instead of retrying in the background.
+
+    The pool blocks (up to ``timeout``) when all ``pool_size`` connections are busy, rather
+    than opening one connection per greenlet under load. redis-py picks the hiredis parser
+    when it is installed. Retries are ours to decide: the callers turn failures into
+    :class:`~realtime.errors.Unavailable` or reconnect with back-off.
+    """
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=pool_size, timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    return redis.Redis(connection_pool=pool)
+
+
+@contextlib.contextmanager
+def translate_redis_errors(what: str) -> Iterator[None]:
+    """Turn redis-py failures into :class:`~realtime.errors.Unavailable` for the edges."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        logger.warning("redis %s failed: %s", what, exc)
+        raise Unavailable(f"the message store is unavailable ({type(exc).__name__})") from exc

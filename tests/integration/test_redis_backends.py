@@ -1,0 +1,143 @@
+"""The broker and presence contracts against a real redis-server; Redis-only behaviour."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import redis
+
+from realtime.broker import HistoryOptions
+from realtime.broker.redis import RedisBroker
+from realtime.errors import Unavailable
+from realtime.presence import PresenceMember
+from realtime.presence.redis import RedisPresenceStore
+from realtime.redis_support import CONTROL_CHANNEL, pubsub_channel, stream_keys
+from tests.contract.broker_contract import BrokerContract, unique
+from tests.contract.presence_contract import PresenceContract
+from tests.helpers import RecordingHandler, wait_until
+
+KEEP = HistoryOptions(size=100, ttl=300)
+
+
+@pytest.fixture
+def make_broker(redis_server):
+    brokers = []
+
+    def make(url=None):
+        broker, handler = RedisBroker(url or redis_server.url, timeout=2), RecordingHandler()
+        broker.start(handler)
+        brokers.append(broker)
+        return broker, handler
+
+    yield make
+    for broker in brokers:
+        broker.close()
+
+
+class TestRedisBroker(BrokerContract):
+    @pytest.fixture
+    def broker_factory(self, make_broker):
+        # Each call is another node on the same Redis.
+        return make_broker
+
+
+class TestRedisPresence(PresenceContract):
+    @pytest.fixture
+    def store(self, redis_server):
+        store = RedisPresenceStore(redis_server.url, ttl=30)
+        yield store
+        store.close()
+
+
+def test_a_node_receives_only_the_channels_it_subscribed(make_broker, redis_server):
+    (publisher, _), (subscriber, received) = make_broker(), make_broker()
+    mine = unique("mine")
+    subscriber.subscribe(mine)
+    client = redis.Redis.from_url(redis_server.url)
+    channels = {c.decode() for c in client.pubsub_channels()}
+    assert pubsub_channel(mine) in channels and CONTROL_CHANNEL in channels
+    for i in range(50):
+        publisher.publish(unique("other"), i, user=None, history=KEEP)
+    publisher.publish(mine, "x", user=None, history=KEEP)
+    wait_until(lambda: received.offsets(mine) == [1])
+    assert {p.channel for p in received.publications} == {mine}
+
+
+def test_messages_that_do_not_decode_are_dropped(make_broker, redis_server):
+    (broker, received) = make_broker()
+    channel = unique("c")
+    broker.subscribe(channel)
+    client = redis.Redis.from_url(redis_server.url)
+    client.publish(pubsub_channel(channel), b"\xc1garbage")
+    client.publish(pubsub_channel(channel), msgpack.packb([99, "p", 1]) + msgpack.packb([1, None]))
+    broker.publish(channel, "good", user=None, history=KEEP)
+    wait_until(lambda: received.publications)
+    assert [p.data for p in received.publications] == ["good"]
+
+
+def test_losing_the_stream_meta_starts_a_new_epoch(make_broker, redis_server):
+    broker, _ = make_broker()
+    channel = unique("c")
+    old = broker.publish(channel, 1, user=None, history=KEEP)
+    history_key, meta_key = stream_keys(channel)
+    redis.Redis.from_url(redis_server.url).delete(meta_key)  # as an eviction or restart would
+    fresh = broker.history(channel, options=KEEP)
+    assert fresh.position.epoch != old.epoch
+    assert fresh.position.offset == 0 and fresh.publications == []
+
+
+def test_presence_entries_expire_without_refresh(redis_server):
+    store = RedisPresenceStore(redis_server.url, ttl=0.5)
+    channel = unique("room")
+    store.add(channel, "c1", "alice")
+    store.add(channel, "c2", "bob")
+    assert len(store.members(channel)) == 2
+
+    def only_the_refreshed_entry_is_left() -> bool:
+        store.refresh([(channel, "c2", "bob")])
+        return store.members(channel) == [PresenceMember("bob", 1)]
+
+    wait_until(only_the_refreshed_entry_is_left, message="alice to expire")
+    # alice's entry is gone: her next connection is a join again
+    assert store.add(channel, "c3", "alice") is True
+    store.close()
+
+
+def test_unreachable_redis_raises_unavailable():
+    from tests.helpers import free_port
+
+    broker = RedisBroker(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    broker.start(RecordingHandler())
+    try:
+        assert not broker.is_healthy()
+        with pytest.raises(Unavailable):
+            broker.publish("c", 1, user=None, history=KEEP)
+        with pytest.raises(Unavailable):
+            broker.subscribe("c")
+    finally:
+        broker.close()
+    store = RedisPresenceStore(f"redis://127.0.0.1:{free_port()}/0", ttl=1, timeout=0.5)
+    with pytest.raises(Unavailable):
+        store.members("c")
+
+
+def test_the_subscriber_reconnects_and_resubscribes(tmp_path):
+    from tests.integration.processes import RedisProcess
+
+    server = RedisProcess(tmp_path).wait_ready()
+    broker, received = RedisBroker(server.url, timeout=1), RecordingHandler()
+    broker.start(received)
+    try:
+        channel = unique("c")
+        broker.subscribe(channel)
+        redis.Redis.from_url(server.url).client_kill_filter(_type="pubsub")
+        wait_until(broker.is_healthy, timeout=10, message="reconnection")
+
+        def delivered() -> bool:
+            broker.publish(channel, "after", user=None, history=KEEP)
+            return bool(received.publications)
+
+        wait_until(delivered, timeout=10, interval=0.2, message="delivery after reconnect")
+    finally:
+        broker.close()
+        server.stop()
