@@ -15,7 +15,12 @@ from .config import Config
 from .http_api import create_api_blueprint, register_error_handlers
 from .node import Node
 from .socketio_edge import register_socketio_handlers
-from .transport import SocketIOTransport, cap_packets_per_poll, guard_malformed_packets
+from .transport import (
+    SocketIOTransport,
+    cap_packets_per_poll,
+    guard_malformed_packets,
+    prefix_session_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ def create_app(config: Config | None = None) -> Realtime:
     )
     guard_malformed_packets(socketio.server)
     cap_packets_per_poll(socketio.server)
+    prefix_session_ids(socketio.server, config.node_id)
     transport = SocketIOTransport(socketio.server)
     node = Node(config, create_broker(config), create_presence_store(config), transport)
     register_socketio_handlers(socketio, node, ChannelPolicy())

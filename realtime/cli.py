@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import signal
 import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
-from .config import Config, ConfigError
+from .config import LOG_LEVELS, Config, ConfigError
+
+if TYPE_CHECKING:
+    from .cluster import LocalCluster
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +36,63 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float}.get(str(field.type), str)
         serve.add_argument(flag, dest=field.name, type=kind, default=None,
                            metavar=field.name.upper(), help=field.metadata.get("help"))
+    _add_cluster_parser(commands)
     return parser
+
+
+def _add_cluster_parser(commands: argparse._SubParsersAction) -> None:
+    cluster = commands.add_parser(
+        "cluster", help="run a local cluster: redis, N nodes and nginx in front of them",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Run a local cluster for development: redis-server (unless --redis is given),\n"
+            "nodes n1..nN on free ports sharing that redis as their broker, and nginx on\n"
+            "--port in front of them. nginx sends every Engine.IO session to the node that\n"
+            "issued it (the session id starts with the node id) and new sessions to the\n"
+            "node with the fewest connections: see nginx/README.md.\n\n"
+            "It prints the URLs and pids, then runs until Ctrl-C or SIGTERM (exit status 0)\n"
+            "or until a part dies (exit status 1, with that part's log tail). On the way out\n"
+            "it stops every process it started. Needs redis-server and nginx installed."),
+        epilog="Flags after -- go to every node, e.g.: run.py cluster --nodes 2 -- "
+               "--presence-ttl 3 --log-level debug")
+    cluster.add_argument("--nodes", type=_positive_int, default=3, metavar="N",
+                         help="number of nodes (default: 3)")
+    cluster.add_argument("--port", type=_port, default=8080,
+                         help="nginx's port, the one to open in a browser; 0 picks a free one "
+                              "(default: 8080)")
+    cluster.add_argument("--host", default="127.0.0.1",
+                         help="address nginx and the nodes listen on (default: 127.0.0.1)")
+    cluster.add_argument("--redis", metavar="URL",
+                         help="use this running redis (redis://host:port/db) instead of "
+                              "starting a redis-server")
+    cluster.add_argument("--workdir", metavar="DIR",
+                         help="keep logs and nginx.conf in DIR (default: a temporary directory, "
+                              "removed on exit)")
+    cluster.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                         help="logging level of this command (default: info)")
+    cluster.add_argument("node_args", nargs="*", metavar="-- NODE_FLAGS",
+                         help="flags for every node's `run.py serve`")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +112,81 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run.py: configuration error: {exc}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "cluster":
+        return run_cluster(args)
     build_parser().print_help()
     return 2
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    """``run.py cluster``: start a :class:`~realtime.cluster.LocalCluster` and supervise it.
+
+    Returns 0 after a stop by SIGINT/SIGTERM, 1 when a part fails to start or dies.
+    """
+    from .cluster import ClusterAborted, ClusterError, LocalCluster
+
+    configure_logging(args.log_level)
+    keep_workdir = args.workdir is not None
+    workdir = Path(args.workdir) if keep_workdir else Path(
+        tempfile.mkdtemp(prefix="realtime-cluster-"))
+    # The handlers only note the signal and set an event, so that a signal never interrupts
+    # the stopping itself; the main loop polls the event. They take no lock (not even logging's):
+    # under run.py's gevent monkey patching a handler may run inside gevent's hub, which must
+    # not block on a lock that the main greenlet holds.
+    stop_requested = threading.Event()
+    received: list[int] = []
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        stop_requested.set()
+
+    previous = {signum: signal.signal(signum, request_stop)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    cluster = LocalCluster(workdir=workdir, nodes=args.nodes, port=args.port,
+                           redis_url=args.redis, node_args=args.node_args, host=args.host)
+    try:
+        try:
+            cluster.start(abort=stop_requested.is_set)
+        except ClusterAborted:
+            logger.info("received %s during startup; stopped", signal.Signals(received[0]).name)
+            return 0
+        except ClusterError as exc:
+            print(f"run.py cluster: {exc}", file=sys.stderr)
+            return 1
+        _print_cluster(cluster, removed_on_exit=not keep_workdir)
+        # Wake up now and then to notice a part that died on its own.
+        while not stop_requested.wait(0.25):
+            dead = cluster.dead_children()
+            if dead:
+                for child in dead:
+                    print(f"run.py cluster: {child.name} (pid {child.pid}) exited unexpectedly "
+                          f"with status {child.returncode}\n{child.log_tail()}", file=sys.stderr)
+                print("run.py cluster: stopping the rest", file=sys.stderr)
+                return 1
+        logger.info("received %s; stopping the cluster", signal.Signals(received[0]).name)
+        return 0
+    finally:
+        cluster.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if not keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _print_cluster(cluster: LocalCluster, removed_on_exit: bool) -> None:
+    pids = cluster.pids
+    rows = [("chat page", cluster.url + "/", f"nginx pid {pids['nginx']}")]
+    rows += [(f"node {node_id}", url, f"pid {pids[f'node {node_id}']}")
+             for node_id, url in cluster.node_urls.items()]
+    redis = (f"pid {pids['redis']}" if cluster.owns_redis else "external, not started here")
+    rows.append(("redis", str(cluster.redis_url), redis))
+    width = max(len(url) for _, url, _ in rows)
+    lines = [f"realtime cluster of {len(cluster.node_urls)} nodes is ready:"]
+    lines += [f"  {name:<10} {url:<{width}}  {note}" for name, url, note in rows]
+    where = "removed on exit" if removed_on_exit else "kept"
+    lines.append(f"Logs and nginx.conf in {cluster.workdir} ({where}). "
+                 "Ctrl-C or SIGTERM stops everything.")
+    print("\n".join(lines), flush=True)
 
 
 def configure_logging(level: str) -> None:

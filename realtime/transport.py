@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,16 @@ def _run_logged(callback: Callable[[], None]) -> None:
         callback()
     except Exception:
         logger.exception("deferred transport callback failed")
+
+
+def prefix_session_ids(server: socketio.Server, node_id: str) -> None:
+    """Issue Engine.IO session ids of the form ``<node_id>.<random>``.
+
+    A load balancer can then send every request of a long-polling session to the node that
+    holds it by reading the ``sid`` query argument, which works for thousands of clients
+    behind one IP, where ``ip_hash`` does not (see ``nginx/README.md``).
+    """
+    server.eio.generate_id = lambda: f"{node_id}.{secrets.token_urlsafe(15)}"
 
 
 def cap_packets_per_poll(server: socketio.Server) -> None:

@@ -79,7 +79,7 @@ def test_losing_the_stream_meta_starts_a_new_epoch(make_broker, redis_server):
     broker, _ = make_broker()
     channel = unique("c")
     old = broker.publish(channel, 1, user=None, history=KEEP)
-    history_key, meta_key = stream_keys(channel)
+    _, meta_key = stream_keys(channel)
     redis.Redis.from_url(redis_server.url).delete(meta_key)  # as an eviction or restart would
     fresh = broker.history(channel, options=KEEP)
     assert fresh.position.epoch != old.epoch

@@ -1,0 +1,80 @@
+"""Publish to realtime from any Python process: Celery workers, Django or Flask apps, scripts.
+
+>>> from realtime.emitter import Emitter
+>>> emitter = Emitter("redis://127.0.0.1:6379/0")
+>>> emitter.publish("user:alice", {"title": "Your order shipped"})
+
+The emitter writes to the same Redis as the nodes with the same Lua script as ``POST
+/api/publish``: same offsets, same history, no HTTP hop. It needs neither gevent nor a running
+node in the caller's process, and is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from .broker.base import HistoryOptions, StreamPosition
+from .broker.redis_streams import RedisStreams
+from .channels import validate_channel
+from .control import encode_control
+from .errors import BadRequest
+from .payloads import check_publication_data
+from .redis_support import CONTROL_CHANNEL, create_client, translate_redis_errors
+
+
+class Emitter:
+    """Publishes, broadcasts and disconnects through Redis, like the HTTP API.
+
+    ``history_size``, ``history_ttl`` and ``max_message_size`` must match the nodes'
+    configuration (their defaults do). Errors are :class:`~realtime.errors.RealtimeError`:
+    ``BadRequest`` and ``TooLarge`` for bad input, ``Unavailable`` when Redis cannot be
+    reached within ``timeout`` seconds.
+    """
+
+    def __init__(self, url: str, *, history_size: int = 100, history_ttl: float = 300.0,
+                 max_message_size: int = 64 * 1024, timeout: float = 5.0,
+                 pool_size: int = 8) -> None:
+        self._client = create_client(url, pool_size=pool_size, timeout=timeout)
+        self._streams = RedisStreams(self._client)
+        self._history = HistoryOptions(size=history_size, ttl=history_ttl)
+        self._max_message_size = max_message_size
+        self._sender = "emitter-" + secrets.token_hex(4)
+
+    def publish(self, channel: str, data: Any) -> StreamPosition:
+        """Publish ``data`` (a JSON value) on ``channel``; return its stream position."""
+        validate_channel(channel)
+        check_publication_data(data, self._max_message_size)
+        return self._streams.publish(channel, data, None, self._history)
+
+    def broadcast(self, channels: list[str], data: Any) -> list[tuple[str, StreamPosition]]:
+        """Publish the same ``data`` on each channel, in order; stops at the first failure."""
+        if not isinstance(channels, list | tuple) or not channels:
+            raise BadRequest("channels must be a non-empty list of channel names")
+        for channel in channels:
+            validate_channel(channel)
+        check_publication_data(data, self._max_message_size)
+        return [(channel, self._streams.publish(channel, data, None, self._history))
+                for channel in channels]
+
+    def disconnect(self, user: str) -> None:
+        """Disconnect every connection of ``user`` on every node.
+
+        Fire and forget, like Socket.IO's Redis emitter: nodes act on it as they receive it,
+        and nobody counts (``POST /api/disconnect`` answers with a count).
+        """
+        if not isinstance(user, str) or not user:
+            raise BadRequest("user must be a non-empty string")
+        with translate_redis_errors("publish"):
+            self._client.publish(CONTROL_CHANNEL,
+                                 encode_control(self._sender, "disconnect", user=user, req=None))
+
+    def close(self) -> None:
+        self._client.close()
+        self._client.connection_pool.disconnect()
+
+    def __enter__(self) -> Emitter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,120 @@
+"""The nginx configuration rendered from nginx/realtime.conf.template."""
+
+from __future__ import annotations
+
+import re
+import resource
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from realtime.cluster import (
+    NGINX_TEMPLATE,
+    PLACEHOLDER_RE,
+    WORKER_RLIMIT_NOFILE,
+    nginx_command,
+    render_nginx_config,
+    render_template,
+)
+
+NGINX = Path("/usr/sbin/nginx")
+NODES = {"n1": "127.0.0.1:5001", "n2": "127.0.0.1:5002", "n3": "127.0.0.1:5003"}
+
+
+def block(config: str, header: str) -> str:
+    """The body of the first ``header { ... }`` block (blocks in question are not nested)."""
+    match = re.search(re.escape(header) + r"\s*\{(.*?)\}", config, re.S)
+    assert match, f"no block {header!r}"
+    return match.group(1)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> str:
+    return render_nginx_config(NODES, "127.0.0.1:8080", tmp_path)
+
+
+def test_every_placeholder_of_the_template_is_replaced(config, tmp_path):
+    assert PLACEHOLDER_RE.findall(NGINX_TEMPLATE.read_text())
+    assert "{{" not in config and "}}" not in config
+    assert f'pid "{tmp_path}/nginx.pid";' in config
+    assert f'error_log "{tmp_path}/nginx-error.log"' in config
+    for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        assert f'{temp}_temp_path "{tmp_path}/{temp}_temp";' in config
+    assert "listen 127.0.0.1:8080;" in config
+    assert "proxy_read_timeout 75s;" in config
+    assert "daemon" not in re.sub(r"#.*", "", config)
+
+
+def test_one_upstream_per_node_and_one_for_new_sessions(config):
+    everyone = block(config, "upstream realtime_all")
+    assert "least_conn;" in everyone
+    assert "ip_hash" not in everyone
+    assert re.findall(r"server (\S+);", everyone) == list(NODES.values())
+    for node_id, address in NODES.items():
+        assert re.findall(r"server (\S+);", block(config, f"upstream realtime_node_{node_id}")) \
+            == [address]
+
+
+def test_the_sid_argument_picks_the_upstream(config):
+    sid_map = block(config, "map $arg_sid $realtime_node")
+    assert r'"~^(?<node>[A-Za-z0-9_-]+)\." $node;' in sid_map
+    node_map = block(config, "map $realtime_node $realtime_upstream")
+    lines = [line.strip() for line in node_map.strip().splitlines()]
+    assert lines == ["default realtime_all;", "n1 realtime_node_n1;", "n2 realtime_node_n2;",
+                     "n3 realtime_node_n3;"]
+    socketio = config[config.index("location /socket.io/"):]
+    assert "proxy_pass http://$realtime_upstream;" in socketio
+    assert "proxy_set_header Connection $connection_upgrade;" in socketio
+    assert "proxy_buffering off;" in socketio
+
+
+def test_node_ids_that_are_map_keywords_are_escaped(tmp_path):
+    config = render_nginx_config({"default": "127.0.0.1:5001"}, "8080", tmp_path)
+    assert r"\default realtime_node_default;" in config
+
+
+@pytest.mark.parametrize("nodes", [{}, {"bad.id": "127.0.0.1:1"},
+                                   {"n1": "127.0.0.1:1", "N1": "127.0.0.1:2"}])
+def test_bad_node_sets_are_refused(nodes, tmp_path):
+    with pytest.raises(ValueError):
+        render_nginx_config(nodes, "8080", tmp_path)
+
+
+@pytest.mark.parametrize("prefix", ["relative/dir", '/tmp/a"b', "/tmp/a;b"])
+def test_unsafe_prefixes_are_refused(prefix):
+    with pytest.raises(ValueError, match="prefix"):
+        render_nginx_config(NODES, "8080", prefix)
+
+
+def test_rendering_fails_on_unknown_missing_or_leftover_placeholders():
+    assert render_template("a {{x}} b", {"x": "1"}) == "a 1 b"
+    with pytest.raises(ValueError, match="no value for y"):
+        render_template("{{x}} {{y}}", {"x": "1"})
+    with pytest.raises(ValueError, match="no placeholder z"):
+        render_template("{{x}}", {"x": "1", "z": "2"})
+    with pytest.raises(ValueError, match="left after rendering"):
+        render_template("{{x}}", {"x": "{{y}}"})
+
+
+def test_multi_line_values_keep_the_indentation():
+    assert render_template("  {{x}}\n", {"x": "a\n\nb"}) == "  a\n\n  b\n"
+
+
+def test_the_file_limit_stays_within_the_hard_limit(config):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limit = int(re.search(r"worker_rlimit_nofile (\d+);", config).group(1))
+    assert limit <= WORKER_RLIMIT_NOFILE
+    assert hard == resource.RLIM_INFINITY or limit <= hard
+
+
+@pytest.mark.skipif(not NGINX.exists(), reason="nginx is not installed")
+def test_nginx_accepts_the_configuration(tmp_path):
+    # A 32-character id is the longest there is: it must fit nginx's map hash buckets.
+    nodes = {**NODES, "x" * 32: "127.0.0.1:5004", "default": "127.0.0.1:5005"}
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_nginx_config(nodes, "127.0.0.1:8080", tmp_path))
+    result = subprocess.run([*nginx_command(str(NGINX), tmp_path, conf), "-t"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
