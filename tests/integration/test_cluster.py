@@ -25,19 +25,6 @@ def cluster(tmp_path_factory):
     cluster.stop()
 
 
-@pytest.fixture
-def channel():
-    return "cl:" + uuid.uuid4().hex[:12]
-
-
-@pytest.fixture
-def clients():
-    made = []
-    yield made
-    for client in made:
-        client.disconnect()
-
-
 def node_of(client) -> str:
     return client.eio.sid.split(".", 1)[0]
 
