@@ -152,6 +152,11 @@ class Node:
         except Exception:
             self._unsubscribe_locally(connection, channel)
             raise
+        if channel not in connection.channels:
+            # The connection went away (or unsubscribed) while this greenlet waited on the
+            # broker; its cleanup ran before the presence entry above existed.
+            self._leave_presence(connection, channel)
+            return result
         offset = result.position.offset
         self.transport.after_reply(lambda: self.hub.activate(connection, channel, offset))
         return result
@@ -163,6 +168,9 @@ class Node:
 
     def _leave(self, connection: Connection, channel: str) -> None:
         self._unsubscribe_locally(connection, channel)
+        self._leave_presence(connection, channel)
+
+    def _leave_presence(self, connection: Connection, channel: str) -> None:
         if self.presence_store.remove(channel, connection.client_id, connection.user):
             self.broker.publish_leave(channel, connection.user)
 

@@ -105,3 +105,18 @@ def test_a_control_message_that_does_not_decode_is_dropped(node, caplog):
     node.on_control(b"\x81\xa1v\x63")  # {"v": 99}
     assert "does not decode" in caplog.text
     assert node.disconnect_user("nobody") == 0
+
+
+def test_a_connection_that_leaves_while_subscribing_leaves_no_presence_behind(node):
+    alice = connect(node, "c1", "alice")
+    add = node.presence_store.add
+
+    def disconnect_first(channel, client_id, user):
+        # What a disconnect from another greenlet does while subscribe waits on Redis.
+        node.disconnect(alice)
+        return add(channel, client_id, user)
+
+    node.presence_store.add = disconnect_first
+    node.subscribe(alice, "ch")
+    assert node.presence("ch") == []
+    assert node.hub.channels() == [] and node.hub.connection_count == 0
