@@ -14,13 +14,9 @@ from .channels import ChannelPolicy
 from .config import Config
 from .http_api import create_api_blueprint, register_error_handlers
 from .node import Node
+from .protocol import ClientProtocol
 from .socketio_edge import register_socketio_handlers
-from .transport import (
-    SocketIOTransport,
-    cap_packets_per_poll,
-    guard_malformed_packets,
-    prefix_session_ids,
-)
+from .transport import cap_packets_per_poll, guard_malformed_packets, prefix_session_ids
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +50,7 @@ def create_app(config: Config | None = None) -> Realtime:
         app,
         async_mode="gevent",
         # One greenlet per connection handles its events in order: a client's publishes keep
-        # their order, and subscribe acks precede the live messages (see transport.after_reply).
+        # their order, and subscribe acks precede the live messages (EngineIOConnection).
         async_handlers=False,
         manage_session=False,
         cors_allowed_origins=config.cors_allowed_origins,
@@ -67,9 +63,9 @@ def create_app(config: Config | None = None) -> Realtime:
     guard_malformed_packets(socketio.server)
     cap_packets_per_poll(socketio.server)
     prefix_session_ids(socketio.server, config.node_id)
-    transport = SocketIOTransport(socketio.server)
-    node = Node(config, create_broker(config), create_presence_store(config), transport)
-    register_socketio_handlers(socketio, node, ChannelPolicy())
+    node = Node(config, create_broker(config), create_presence_store(config))
+    protocol = ClientProtocol(node, ChannelPolicy())
+    register_socketio_handlers(socketio, protocol)
     app.register_blueprint(create_api_blueprint(node))
     register_error_handlers(app)
     _register_pages(app, node, Path(config.static_dir))

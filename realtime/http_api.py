@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 from .channels import validate_channel
 from .errors import BadRequest, Forbidden, InternalError, NotFound, RealtimeError, TooLarge
 from .node import Node
-from .socketio_edge import parse_limit
+from .protocol import parse_limit
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The node-local hub: the connections of this node and the channels they subscribe to.
 
 The hub is the only place that knows which connection wants which channel on this node. The
-broker hands it publications; the hub encodes each one ONCE (through the transport) and hands the
-same frame to every local subscriber. Nothing here blocks or switches greenlets.
+broker hands it publications; the hub encodes each one ONCE and hands the same frame to every
+local subscriber, whatever its transport. Nothing here blocks or switches greenlets.
 """
 
 from __future__ import annotations
@@ -10,50 +10,44 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
 
 from .broker.base import Publication
+from .frames import EncodedEvent
 
 logger = logging.getLogger(__name__)
 
 
 class Connection:
-    """One client connection on this node.
+    """One client connection on this node; each transport subclasses it.
 
-    ``client_id`` is the Socket.IO session id the client knows; ``transport_id`` is what the
-    transport needs to reach it (the Engine.IO session id). ``channels`` holds every channel the
-    connection is subscribed to, including the ones still being set up, which also appear in
-    ``pending`` with the frames held back until the subscribe reply has gone out.
+    ``client_id`` is the Socket.IO session id the client knows. ``channels`` holds every
+    channel the connection is subscribed to, including the ones still being set up, which also
+    appear in ``pending`` with the frames held back until the subscribe reply has gone out.
     """
 
-    __slots__ = ("client_id", "transport_id", "user", "channels", "pending")
+    __slots__ = ("client_id", "user", "channels", "pending")
 
-    def __init__(self, client_id: str, transport_id: Any, user: str) -> None:
+    def __init__(self, client_id: str, user: str) -> None:
         self.client_id = client_id
-        self.transport_id = transport_id
         self.user = user
         self.channels: set[str] = set()
         # channel -> frames held back while the subscription is set up: (offset or None, frame)
-        self.pending: dict[str, list[tuple[int | None, Any]]] = {}
+        self.pending: dict[str, list[tuple[int | None, EncodedEvent]]] = {}
 
     def __repr__(self) -> str:
-        return f"<Connection {self.client_id} user={self.user!r}>"
+        return f"<{type(self).__name__} {self.client_id} user={self.user!r}>"
 
+    def send(self, frame: EncodedEvent) -> None:
+        """Queue ``frame``. Never blocks, never switches greenlets, never raises."""
+        raise NotImplementedError
 
-class Transport(Protocol):
-    """How the hub reaches connections. The performance work swaps the implementation."""
-
-    def encode_event(self, event: str, payload: Any) -> Any:
-        """Encode a server→client event once; the result is written to many connections."""
-
-    def send(self, connection: Connection, frame: Any) -> None:
-        """Queue ``frame`` for ``connection``. Never blocks and never switches greenlets."""
-
-    def close(self, connection: Connection, reason: str) -> None:
-        """Disconnect ``connection`` from the server side."""
+    def close(self, reason: str) -> None:
+        """Disconnect from the server side; the node forgets the connection."""
+        raise NotImplementedError
 
     def after_reply(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the reply (ack) to the event being handled has been queued."""
+        raise NotImplementedError
 
 
 class Subscribed(enum.Enum):
@@ -67,8 +61,7 @@ class Subscribed(enum.Enum):
 class Hub:
     """Connections of this node, their subscriptions, and the fan-out to them."""
 
-    def __init__(self, transport: Transport) -> None:
-        self._transport = transport
+    def __init__(self) -> None:
         self._connections: dict[str, Connection] = {}
         self._subscribers: dict[str, set[Connection]] = {}
         self._by_user: dict[str, set[Connection]] = {}
@@ -144,10 +137,9 @@ class Hub:
         held = connection.pending.pop(channel, None)
         if held is None or connection.client_id not in self._connections:
             return
-        send = self._transport.send
         for offset, frame in held:
             if offset is None or offset > after_offset:
-                send(connection, frame)
+                connection.send(frame)
 
     def remove_subscriber(self, connection: Connection, channel: str) -> tuple[bool, bool]:
         """Unsubscribe; return ``(was_subscribed, was_last_on_node)``."""
@@ -172,7 +164,7 @@ class Hub:
         subscribers = self._subscribers.get(publication.channel)
         if not subscribers:
             return
-        frame = self._transport.encode_event("message", publication.to_event())
+        frame = EncodedEvent("message", publication.to_event())
         self._fan_out(publication.channel, subscribers, publication.offset, frame)
 
     def deliver_presence_event(self, event: str, channel: str, user: str) -> None:
@@ -180,15 +172,14 @@ class Hub:
         subscribers = self._subscribers.get(channel)
         if not subscribers:
             return
-        frame = self._transport.encode_event(event, {"channel": channel, "user": user})
+        frame = EncodedEvent(event, {"channel": channel, "user": user})
         self._fan_out(channel, subscribers, None, frame)
 
     def _fan_out(self, channel: str, subscribers: set[Connection], offset: int | None,
-                 frame: Any) -> None:
-        send = self._transport.send
+                 frame: EncodedEvent) -> None:
         for connection in subscribers:
             pending = connection.pending
             if pending and channel in pending:
                 pending[channel].append((offset, frame))
             else:
-                send(connection, frame)
+                connection.send(frame)

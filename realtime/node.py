@@ -27,7 +27,7 @@ from .broker.base import (
 from .config import Config
 from .control import ControlMessageError, decode_control, encode_control
 from .errors import RealtimeError
-from .hub import Connection, Hub, Subscribed, Transport
+from .hub import Connection, Hub, Subscribed
 from .payloads import check_publication_data
 from .presence.base import PresenceMember, PresenceStore
 
@@ -83,14 +83,12 @@ class _Survey:
 class Node:
     """One realtime node. Create, :meth:`start`, serve, :meth:`stop`."""
 
-    def __init__(self, config: Config, broker: Broker, presence: PresenceStore,
-                 transport: Transport) -> None:
+    def __init__(self, config: Config, broker: Broker, presence: PresenceStore) -> None:
         self.config = config
         self.node_id = config.node_id
         self.broker = broker
         self.presence_store = presence
-        self.transport = transport
-        self.hub = Hub(transport)
+        self.hub = Hub()
         self.history_options = HistoryOptions(size=config.history_size, ttl=config.history_ttl)
         self._started_at = time.monotonic()
         self._peers: dict[str, tuple[float, NodeInfo]] = {}
@@ -158,7 +156,7 @@ class Node:
             self._leave_presence(connection, channel)
             return result
         offset = result.position.offset
-        self.transport.after_reply(lambda: self.hub.activate(connection, channel, offset))
+        connection.after_reply(lambda: self.hub.activate(connection, channel, offset))
         return result
 
     def unsubscribe(self, connection: Connection, channel: str) -> None:
@@ -255,7 +253,7 @@ class Node:
     def _disconnect_local(self, user: str) -> int:
         connections = self.hub.connections_of(user)
         for connection in connections:
-            self.transport.close(connection, "disconnected by the server")
+            connection.close("disconnected by the server")
         return len(connections)
 
     def _send_control(self, kind: str, **fields: Any) -> None:

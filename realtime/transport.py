@@ -1,24 +1,22 @@
-"""The hub's transport over python-socketio / python-engineio (gevent).
+"""Connections over python-socketio / python-engineio: long-polling, and WebSocket upgrades.
 
 Every use of python-socketio internals lives in this module, so that the versions pinned in
-``requirements.txt`` are the only ones it must fit, and so that the performance work can replace
-this transport (direct writes, coalescing, no greenlet per idle connection) without touching the
-hub or the node.
+``requirements.txt`` are the only ones it must fit. Direct WebSocket connections take the faster
+path in :mod:`realtime.websocket` instead.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import secrets
 from collections.abc import Callable
 from typing import Any
 
 import socketio
 from engineio import exceptions as eio_exceptions
 from engineio import payload as eio_payload
-from socketio import packet as sio_packet
 
+from .frames import EncodedEvent, new_session_id
 from .hub import Connection
 
 logger = logging.getLogger(__name__)
@@ -26,64 +24,50 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "/"
 
 
-class PreEncodedPacket(sio_packet.Packet):
-    """A Socket.IO EVENT packet whose text is computed once and reused for every recipient."""
+class EngineIOConnection(Connection):
+    """A connection served by python-socketio; frames go through ``Server._send_packet``.
 
-    def __init__(self, event: str, payload: Any) -> None:
-        super().__init__(sio_packet.EVENT, data=[event, payload], namespace=NAMESPACE)
-        self._encoded = super().encode()
-
-    def encode(self) -> str:
-        return self._encoded
-
-
-class SocketIOTransport:
-    """:class:`~realtime.hub.Transport` that writes through a python-socketio server.
-
-    Frames go through ``Server._send_packet``, the same path as python-socketio's own emits, so
-    the Flask-SocketIO test client sees them too. Each recipient gets one Engine.IO queue put:
-    no encoding, no greenlet switch.
+    That is the path of python-socketio's own emits, so the Flask-SocketIO test client sees
+    them too. Each recipient costs one Engine.IO queue put and no encoding: ``_send_packet``
+    only calls ``frame.encode()``, which returns the text encoded once for the whole node.
     """
 
-    def __init__(self, server: socketio.Server) -> None:
-        self._server = server
+    __slots__ = ("server", "transport_id")
 
-    def encode_event(self, event: str, payload: Any) -> PreEncodedPacket:
-        return PreEncodedPacket(event, payload)
+    def __init__(self, client_id: str, user: str, server: socketio.Server,
+                 transport_id: str) -> None:
+        super().__init__(client_id, user)
+        self.server = server
+        self.transport_id = transport_id
 
-    def send(self, connection: Connection, frame: PreEncodedPacket) -> None:
+    def send(self, frame: EncodedEvent) -> None:
         try:
-            self._server._send_packet(connection.transport_id, frame)
+            self.server._send_packet(self.transport_id, frame)
         except Exception:
             # One broken connection must not stop the fan-out to the others.
-            logger.exception("send to %s failed", connection)
+            logger.exception("send to %s failed", self)
 
-    def close(self, connection: Connection, reason: str) -> None:
-        logger.info("closing %s: %s", connection, reason)
-        self._server.disconnect(connection.client_id, namespace=NAMESPACE)
+    def close(self, reason: str) -> None:
+        logger.info("closing %s: %s", self, reason)
+        self.server.disconnect(self.client_id, namespace=NAMESPACE)
 
     def after_reply(self, callback: Callable[[], None]) -> None:
         # python-socketio queues an event's ack synchronously, in the handler's greenlet, right
         # after the handler returns (async_handlers is off). A greenlet spawned now first runs
         # when that greenlet next yields, which is after the ack is queued.
-        self._server.start_background_task(_run_logged, callback)
+        self.server.start_background_task(_run_logged, callback)
 
 
 def _run_logged(callback: Callable[[], None]) -> None:
     try:
         callback()
     except Exception:
-        logger.exception("deferred transport callback failed")
+        logger.exception("deferred callback failed")
 
 
 def prefix_session_ids(server: socketio.Server, node_id: str) -> None:
-    """Issue Engine.IO session ids of the form ``<node_id>.<random>``.
-
-    A load balancer can then send every request of a long-polling session to the node that
-    holds it by reading the ``sid`` query argument, which works for thousands of clients
-    behind one IP, where ``ip_hash`` does not (see ``nginx/README.md``).
-    """
-    server.eio.generate_id = lambda: f"{node_id}.{secrets.token_urlsafe(15)}"
+    """Issue Engine.IO session ids that name this node (see :func:`frames.new_session_id`)."""
+    server.eio.generate_id = functools.partial(new_session_id, node_id)
 
 
 def cap_packets_per_poll(server: socketio.Server) -> None:

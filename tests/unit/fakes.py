@@ -1,30 +1,29 @@
-"""An in-memory transport for unit tests of the hub and the node."""
+"""In-memory connections for unit tests of the hub and the node."""
 
 from __future__ import annotations
 
+from realtime.hub import Connection
 
-class FakeTransport:
-    """Records frames per connection; runs ``after_reply`` callbacks only when told to."""
 
-    def __init__(self):
-        self.encoded: list[tuple[str, object]] = []
-        self.sent: dict[str, list[tuple[str, object]]] = {}
+class FakeConnection(Connection):
+    """Records frames; runs ``after_reply`` callbacks only when the test says the reply left."""
+
+    __slots__ = ("sent", "closed", "deferred", "node")
+
+    def __init__(self, client_id, user, node=None):
+        super().__init__(client_id, user)
+        self.sent: list = []
         self.closed: list[str] = []
         self.deferred: list = []
-        self.node = None
+        self.node = node
 
-    def encode_event(self, event, payload):
-        frame = (event, payload)
-        self.encoded.append(frame)
-        return frame
+    def send(self, frame):
+        self.sent.append(frame)
 
-    def send(self, connection, frame):
-        self.sent.setdefault(connection.client_id, []).append(frame)
-
-    def close(self, connection, reason):
-        self.closed.append(connection.client_id)
+    def close(self, reason):
+        self.closed.append(reason)
         if self.node is not None:  # a real transport reports the disconnect back
-            self.node.disconnect(connection)
+            self.node.disconnect(self)
 
     def after_reply(self, callback):
         self.deferred.append(callback)
@@ -34,6 +33,9 @@ class FakeTransport:
         for callback in callbacks:
             callback()
 
-    def events(self, client_id, name=None):
-        return [payload for event, payload in self.sent.get(client_id, [])
-                if name is None or event == name]
+    def events(self, name=None):
+        """(event, payload) pairs decoded from the frames, or payloads of ``name``."""
+        import json
+
+        decoded = [json.loads(frame.encode()[1:]) for frame in self.sent]
+        return [payload for event, payload in decoded if name is None or event == name]

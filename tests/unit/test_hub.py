@@ -1,44 +1,44 @@
 from realtime.broker import Publication
-from realtime.hub import Connection, Hub, Subscribed
-from tests.unit.fakes import FakeTransport
+from realtime.hub import Hub, Subscribed
+from tests.unit.fakes import FakeConnection
 
 
 def make_hub(*users):
-    transport = FakeTransport()
-    hub = Hub(transport)
-    connections = [Connection(f"c{i}", f"t{i}", user) for i, user in enumerate(users)]
+    hub = Hub()
+    connections = [FakeConnection(f"c{i}", user) for i, user in enumerate(users)]
     for connection in connections:
         hub.add_connection(connection)
-    return hub, transport, connections
+    return hub, connections
 
 
 def test_a_publication_is_encoded_once_for_all_subscribers():
-    hub, transport, connections = make_hub("a", "b", "c")
+    hub, connections = make_hub("a", "b", "c")
     for connection in connections:
         hub.add_subscriber(connection, "ch")
         hub.activate(connection, "ch", 0)
     hub.deliver_publication(Publication("ch", 1, "x", "a"))
-    assert len(transport.encoded) == 1
-    assert all(transport.events(c.client_id, "message") ==
-               [{"channel": "ch", "offset": 1, "data": "x", "user": "a"}] for c in connections)
+    frames = {id(frame) for c in connections for frame in c.sent}
+    assert len(frames) == 1
+    assert all(c.events("message") == [{"channel": "ch", "offset": 1, "data": "x", "user": "a"}]
+               for c in connections)
 
 
 def test_pending_subscription_holds_frames_until_activated_and_drops_known_offsets():
-    hub, transport, (conn,) = make_hub("a")
+    hub, (conn,) = make_hub("a")
     assert hub.add_subscriber(conn, "ch") is Subscribed.FIRST_ON_NODE
     hub.deliver_publication(Publication("ch", 3, "old", None))
     hub.deliver_presence_event("join", "ch", "a")
     hub.deliver_publication(Publication("ch", 4, "new", None))
-    assert transport.events("c0") == []
+    assert conn.events() == []
     hub.activate(conn, "ch", after_offset=3)
-    assert transport.events("c0") == [{"channel": "ch", "user": "a"},
-                                      {"channel": "ch", "offset": 4, "data": "new", "user": None}]
+    assert conn.events() == [{"channel": "ch", "user": "a"},
+                             {"channel": "ch", "offset": 4, "data": "new", "user": None}]
     hub.deliver_publication(Publication("ch", 5, "live", None))
-    assert transport.events("c0")[-1]["offset"] == 5
+    assert conn.events()[-1]["offset"] == 5
 
 
 def test_subscriber_bookkeeping():
-    hub, _, (a, b) = make_hub("a", "b")
+    hub, (a, b) = make_hub("a", "b")
     assert hub.add_subscriber(a, "ch") is Subscribed.FIRST_ON_NODE
     assert hub.add_subscriber(b, "ch") is Subscribed.ADDED
     assert hub.add_subscriber(b, "ch") is Subscribed.ALREADY
@@ -50,7 +50,7 @@ def test_subscriber_bookkeeping():
 
 
 def test_removing_a_connection_reports_its_channels_and_forgets_its_user():
-    hub, _, (a, a2) = make_hub("alice", "alice")
+    hub, (a, a2) = make_hub("alice", "alice")
     hub.add_subscriber(a, "x")
     hub.add_subscriber(a, "y")
     assert sorted(hub.remove_connection(a)) == ["x", "y"]

@@ -3,25 +3,22 @@ import pytest
 from realtime.broker import MemoryBroker, StreamPosition
 from realtime.config import Config
 from realtime.errors import BadRequest, TooLarge
-from realtime.hub import Connection
 from realtime.node import Node
 from realtime.presence import MemoryPresenceStore
-from tests.unit.fakes import FakeTransport
+from tests.unit.fakes import FakeConnection
 
 
 @pytest.fixture
 def node():
-    transport = FakeTransport()
     node = Node(Config(node_id="n1", history_size=10, max_message_size=100), MemoryBroker(),
-                MemoryPresenceStore(), transport)
-    transport.node = node
+                MemoryPresenceStore())
     node.start()
     yield node
     node.stop()
 
 
 def connect(node, client_id, user):
-    connection = Connection(client_id, client_id, user)
+    connection = FakeConnection(client_id, user, node)
     node.connect(connection)
     return connection
 
@@ -31,10 +28,10 @@ def test_publications_during_setup_come_after_the_reply_exactly_once(node):
     node.publish("ch", "before")
     result = node.subscribe(alice, "ch")
     node.publish("ch", "during")
-    assert node.transport.events("c1", "message") == []
-    node.transport.reply_sent()
+    assert alice.events("message") == []
+    alice.reply_sent()
     node.publish("ch", "after")
-    assert [m["data"] for m in node.transport.events("c1", "message")] == ["during", "after"]
+    assert [m["data"] for m in alice.events("message")] == ["during", "after"]
     assert result.position.offset == 1
 
 
@@ -58,25 +55,26 @@ def test_recovery_from_the_future_is_not_recovered(node):
 def test_join_once_per_user_and_leave_with_the_last_connection(node):
     watcher = connect(node, "w", "watcher")
     node.subscribe(watcher, "ch")
-    node.transport.reply_sent()
+    watcher.reply_sent()
     first, second = connect(node, "a1", "alice"), connect(node, "a2", "alice")
     node.subscribe(first, "ch")
     node.subscribe(second, "ch")
     node.unsubscribe(first, "ch")
-    assert node.transport.events("w", "leave") == []
+    assert watcher.events("leave") == []
     node.disconnect(second)
-    assert node.transport.events("w", "join") == [{"channel": "ch", "user": "watcher"},
-                                                   {"channel": "ch", "user": "alice"}]
-    assert node.transport.events("w", "leave") == [{"channel": "ch", "user": "alice"}]
+    assert watcher.events("join") == [{"channel": "ch", "user": "watcher"},
+                                      {"channel": "ch", "user": "alice"}]
+    assert watcher.events("leave") == [{"channel": "ch", "user": "alice"}]
     assert [m.user for m in node.presence("ch")] == ["watcher"]
 
 
 def test_disconnect_user_closes_all_their_connections_and_counts_them(node):
-    for client_id in ("a1", "a2"):
-        node.subscribe(connect(node, client_id, "alice"), "ch")
-    connect(node, "b1", "bob")
+    alices = [connect(node, client_id, "alice") for client_id in ("a1", "a2")]
+    for alice in alices:
+        node.subscribe(alice, "ch")
+    bob = connect(node, "b1", "bob")
     assert node.disconnect_user("alice") == 2
-    assert sorted(node.transport.closed) == ["a1", "a2"]
+    assert all(alice.closed for alice in alices) and not bob.closed
     assert node.disconnect_user("alice") == 0
     assert node.presence("ch") == []
 
