@@ -17,33 +17,42 @@ from .node import Node
 from .protocol import ClientProtocol
 from .socketio_edge import register_socketio_handlers
 from .transport import cap_packets_per_poll, guard_malformed_packets, prefix_session_ids
+from .websocket import WebSocketTransport
 
 logger = logging.getLogger(__name__)
 
 # The official client, installed from npm at set-up time into static/node_modules.
 CLIENT_BUNDLE = Path("node_modules/socket.io-client/dist/socket.io.min.js")
-# Room for the JSON envelope around the largest allowed publication.
-FRAME_OVERHEAD = 16 * 1024
 
 
 @dataclasses.dataclass
 class Realtime:
-    """What :func:`create_app` builds: start ``node`` before serving ``app``."""
+    """What :func:`create_app` builds: call :meth:`start` before serving ``app``."""
 
     app: Flask
     socketio: SocketIO
     node: Node
+    websocket: WebSocketTransport
     config: Config
+
+    def start(self) -> None:
+        self.node.start()
+        self.websocket.start()
+
+    def stop(self) -> None:
+        self.websocket.stop()
+        self.node.stop()
 
 
 def create_app(config: Config | None = None) -> Realtime:
     """Build a node's Flask app, Socket.IO server and core from ``config``.
 
-    Nothing is started: call ``realtime.node.start()`` before serving and ``stop()`` after.
+    Nothing is started: call ``start()`` before serving and ``stop()`` after. Direct WebSocket
+    connections reach ``websocket`` only through :func:`realtime.server.serve`'s handler.
     """
     config = config or Config.load()
     app = Flask(__name__, static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = 2 * config.max_message_size + FRAME_OVERHEAD
+    app.config["MAX_CONTENT_LENGTH"] = 2 * config.max_message_size + config.frame_overhead
     app.json.sort_keys = False
 
     socketio = SocketIO(
@@ -56,7 +65,7 @@ def create_app(config: Config | None = None) -> Realtime:
         cors_allowed_origins=config.cors_allowed_origins,
         ping_interval=config.ping_interval,
         ping_timeout=config.ping_timeout,
-        max_http_buffer_size=config.max_message_size + FRAME_OVERHEAD,
+        max_http_buffer_size=config.max_message_size + config.frame_overhead,
         logger=False,
         engineio_logger=False,
     )
@@ -69,7 +78,7 @@ def create_app(config: Config | None = None) -> Realtime:
     app.register_blueprint(create_api_blueprint(node))
     register_error_handlers(app)
     _register_pages(app, node, Path(config.static_dir))
-    return Realtime(app, socketio, node, config)
+    return Realtime(app, socketio, node, WebSocketTransport(protocol, config), config)
 
 
 def _register_pages(app: Flask, node: Node, static_dir: Path) -> None:

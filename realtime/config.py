@@ -18,6 +18,7 @@ from typing import Any
 
 ENV_PREFIX = "REALTIME_"
 NODE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+FRAME_OVERHEAD = 16 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +66,11 @@ class Config:
     ping_timeout: float = dataclasses.field(
         default=20.0, metadata={"help": "Engine.IO ping timeout, seconds"}
     )
+    max_outbound_buffer: int = dataclasses.field(
+        default=1024 * 1024,
+        metadata={"help": "bytes a WebSocket client may fall behind before it is disconnected "
+                  "as slow"},
+    )
     allowed_origins: str = dataclasses.field(
         default="",
         metadata={"help": "comma-separated browser origins allowed to connect; '*' for any; "
@@ -84,7 +90,7 @@ class Config:
             raise ConfigError(f"port must be 0..65535, not {self.port}")
         if not NODE_ID_RE.fullmatch(self.node_id):
             raise ConfigError(f"node_id must match [A-Za-z0-9_-]{{1,32}}, not {self.node_id!r}")
-        for name in ("history_size", "max_message_size"):
+        for name in ("history_size", "max_message_size", "max_outbound_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         for name in ("history_ttl", "presence_ttl", "ping_interval", "ping_timeout"):
@@ -92,6 +98,11 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+
+    @property
+    def frame_overhead(self) -> int:
+        """Room for the protocol's envelope around the largest allowed publication."""
+        return FRAME_OVERHEAD
 
     @property
     def presence_url(self) -> str:

@@ -24,6 +24,22 @@ def check_monkey_patched() -> None:
                            "first thing in the entry point (run.py does)")
 
 
+class RealtimeHandler(WebSocketHandler):
+    """pywsgi handler that gives direct WebSocket sessions to :mod:`realtime.websocket`.
+
+    Everything else (pages, the API, long-polling, upgrades from long-polling) goes through
+    the WSGI app and gevent-websocket as usual.
+    """
+
+    def run_application(self) -> None:
+        websocket = getattr(self.server, "realtime_websocket", None)
+        if websocket is not None and websocket.wants(self.environ):
+            websocket.accept(self)
+            self.close_connection = True
+            return
+        super().run_application()
+
+
 def serve(config: Config) -> None:
     """Run one node until SIGINT or SIGTERM. Raises ConfigError when it cannot start."""
     check_monkey_patched()
@@ -31,7 +47,7 @@ def serve(config: Config) -> None:
     server = pywsgi.WSGIServer(
         (config.host, config.port),
         realtime.app,
-        handler_class=WebSocketHandler,
+        handler_class=RealtimeHandler,
         log=None,  # no access log line per long-polling request
         error_log=logging.getLogger("realtime.wsgi"),
     )
@@ -39,7 +55,8 @@ def serve(config: Config) -> None:
         server.init_socket()
     except OSError as exc:
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
-    realtime.node.start()
+    server.realtime_websocket = realtime.websocket
+    realtime.start()
     host, port = server.socket.getsockname()[:2]
     logger.info("node %s serving on http://%s:%d (broker %s)", config.node_id, host, port,
                 config.broker)
@@ -54,5 +71,5 @@ def serve(config: Config) -> None:
     server.start()
     stopped.wait()
     server.stop(timeout=2)
-    realtime.node.stop()
+    realtime.stop()
     logger.info("node %s stopped", config.node_id)

@@ -9,7 +9,7 @@ from tests.integration.processes import NodeProcess, RedisProcess
 def single_node(tmp_path_factory):
     """One node process on the embedded broker, shared by the single-node tests."""
     node = NodeProcess(tmp_path_factory.mktemp("single"), "single",
-                       "--history-size", "50").wait_ready()
+                       "--history-size", "1000").wait_ready()
     yield node
     node.stop()
 

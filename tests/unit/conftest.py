@@ -8,9 +8,9 @@ from realtime.config import Config
 def realtime():
     """A node on the in-memory broker, started, with no server around it."""
     instance = create_app(Config(node_id="unit", history_size=5))
-    instance.node.start()
+    instance.start()
     yield instance
-    instance.node.stop()
+    instance.stop()
 
 
 @pytest.fixture
