@@ -65,6 +65,31 @@ class EncodedEvent:
             frame = self._websocket_frame = socketio_text_frame(self._text)
         return frame
 
+    @property
+    def events(self) -> tuple[EncodedEvent, ...]:
+        return (self,)
+
+
+class EventBatch:
+    """Several events for the same subscribers, in order: one write for a WebSocket client.
+
+    ``websocket_frame`` is every event's frame back to back (still one Engine.IO packet per
+    WebSocket frame, as the protocol wants), joined once for all recipients.
+    """
+
+    __slots__ = ("events", "_websocket_frame")
+
+    def __init__(self, events: list[EncodedEvent]) -> None:
+        self.events = events
+        self._websocket_frame: bytes | None = None
+
+    @property
+    def websocket_frame(self) -> bytes:
+        frame = self._websocket_frame
+        if frame is None:
+            frame = self._websocket_frame = b"".join(e.websocket_frame for e in self.events)
+        return frame
+
 
 def new_session_id(node_id: str) -> str:
     """An Engine.IO session id that names its node: ``<node_id>.<random>``.

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from .broker.base import Publication
-from .frames import EncodedEvent
+from .frames import EncodedEvent, EventBatch
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ class Connection:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.client_id} user={self.user!r}>"
 
-    def send(self, frame: EncodedEvent) -> None:
-        """Queue ``frame``. Never blocks, never switches greenlets, never raises."""
+    def send(self, frame: EncodedEvent | EventBatch) -> None:
+        """Queue ``frame`` (one event or a batch). Never blocks, switches greenlets or raises."""
         raise NotImplementedError
 
     def close(self, reason: str) -> None:
@@ -159,13 +159,31 @@ class Hub:
 
     # -- fan-out -----------------------------------------------------------------------------
 
-    def deliver_publication(self, publication: Publication) -> None:
-        """Send ``publication`` to every local subscriber of its channel, encoded once."""
-        subscribers = self._subscribers.get(publication.channel)
-        if not subscribers:
-            return
-        frame = EncodedEvent("message", publication.to_event())
-        self._fan_out(publication.channel, subscribers, publication.offset, frame)
+    def deliver_publications(self, publications: list[Publication]) -> None:
+        """Send publications to every local subscriber of their channels, each encoded once.
+
+        Publications of one channel that arrived together leave in one write per WebSocket
+        subscriber.
+        """
+        if len(publications) == 1:
+            by_channel = {publications[0].channel: publications}
+        else:
+            by_channel = {}
+            for publication in publications:
+                by_channel.setdefault(publication.channel, []).append(publication)
+        for channel, batch in by_channel.items():
+            subscribers = self._subscribers.get(channel)
+            if not subscribers:
+                continue
+            events = [EncodedEvent("message", p.to_event()) for p in batch]
+            frame = events[0] if len(events) == 1 else EventBatch(events)
+            for connection in subscribers:
+                pending = connection.pending
+                if pending and channel in pending:
+                    pending[channel].extend(
+                        (p.offset, event) for p, event in zip(batch, events, strict=True))
+                else:
+                    connection.send(frame)
 
     def deliver_presence_event(self, event: str, channel: str, user: str) -> None:
         """Send a ``join`` or ``leave`` event to every local subscriber of ``channel``."""

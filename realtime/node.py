@@ -275,8 +275,8 @@ class Node:
 
     # -- BrokerEventHandler ------------------------------------------------------------------
 
-    def on_publication(self, publication: Publication) -> None:
-        self.hub.deliver_publication(publication)
+    def on_publications(self, publications: list[Publication]) -> None:
+        self.hub.deliver_publications(publications)
 
     def on_join(self, channel: str, user: str) -> None:
         self.hub.deliver_presence_event("join", channel, user)

@@ -16,7 +16,7 @@ import socketio
 from engineio import exceptions as eio_exceptions
 from engineio import payload as eio_payload
 
-from .frames import EncodedEvent, new_session_id
+from .frames import EncodedEvent, EventBatch, new_session_id
 from .hub import Connection
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,10 @@ class EngineIOConnection(Connection):
         self.server = server
         self.transport_id = transport_id
 
-    def send(self, frame: EncodedEvent) -> None:
+    def send(self, frame: EncodedEvent | EventBatch) -> None:
         try:
-            self.server._send_packet(self.transport_id, frame)
+            for event in frame.events:
+                self.server._send_packet(self.transport_id, event)
         except Exception:
             # One broken connection must not stop the fan-out to the others.
             logger.exception("send to %s failed", self)

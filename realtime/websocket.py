@@ -56,6 +56,7 @@ from .frames import (
     SIO_DISCONNECT,
     SIO_EVENT,
     EncodedEvent,
+    EventBatch,
     dumps,
     new_session_id,
     socketio_text_frame,
@@ -258,7 +259,7 @@ class WebSocketConnection(Connection):
 
     # -- writing (the hot path) --------------------------------------------------------------
 
-    def send(self, frame: EncodedEvent) -> None:
+    def send(self, frame: EncodedEvent | EventBatch) -> None:
         self.write(frame.websocket_frame)
 
     def write(self, data: bytes) -> None:

@@ -43,8 +43,8 @@ class RecordingHandler:
         self.leaves: list[tuple[str, str]] = []
         self.controls: list[bytes] = []
 
-    def on_publication(self, publication) -> None:
-        self.publications.append(publication)
+    def on_publications(self, publications) -> None:
+        self.publications.extend(publications)
 
     def on_join(self, channel: str, user: str) -> None:
         self.joins.append((channel, user))

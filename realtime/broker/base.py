@@ -70,7 +70,13 @@ class BrokerEventHandler(Protocol):
     block (it only hands frames to connections) and must not raise.
     """
 
-    def on_publication(self, publication: Publication) -> None: ...
+    def on_publications(self, publications: list[Publication]) -> None:
+        """Publications that arrived together, in arrival (so per-channel offset) order.
+
+        A broker hands over what it received in one read, so that the hub can write several
+        publications to a subscriber in one send when they pile up.
+        """
+        ...
 
     def on_join(self, channel: str, user: str) -> None: ...
 

@@ -70,7 +70,7 @@ class MemoryBroker(Broker):
             stream.entries.popleft()
         position = StreamPosition(stream.epoch, stream.offset)
         if self._handler is not None and channel in self._subscribed:
-            self._handler.on_publication(publication)
+            self._handler.on_publications([publication])
         return position
 
     def publish_join(self, channel: str, user: str) -> None:

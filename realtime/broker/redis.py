@@ -26,6 +26,7 @@ from .base import (
     BrokerEventHandler,
     HistoryOptions,
     HistoryResult,
+    Publication,
     StreamPosition,
 )
 from .redis_streams import RedisStreams, WireFormatError, decode_message, encode_presence_message
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 PING_INTERVAL = 5.0
 MAX_BACKOFF = 5.0
 CONTROL_KEY = CONTROL_CHANNEL.encode()
+MAX_BATCH = 512
 
 
 class _Subscription:
@@ -201,15 +203,25 @@ class RedisBroker(Broker):
                     ping_sent = True
                 continue
             last_heard, ping_sent = now, False
-            if isinstance(response, list) and len(response) == 3:
-                self._dispatch(response[0], response[1], response[2])
+            # Take everything that has already arrived, so that publications that piled up
+            # while the last batch was fanned out leave together (see on_publications).
+            batch: list[Publication] = []
+            for _ in range(MAX_BATCH):
+                if isinstance(response, list) and len(response) == 3:
+                    self._dispatch(response[0], response[1], response[2], batch)
+                if not pubsub.connection.can_read(timeout=0):
+                    break
+                response = pubsub.parse_response(block=False, timeout=0)
+            if batch:
+                self._handler.on_publications(batch)
 
-    def _dispatch(self, kind: bytes, redis_channel: bytes, payload: Any) -> None:
+    def _dispatch(self, kind: bytes, redis_channel: bytes, payload: Any,
+                  batch: list[Publication]) -> None:
         if kind == b"message":
             if redis_channel == CONTROL_KEY:
                 self._handler.on_control(payload)
             else:
-                self._dispatch_channel_message(redis_channel, payload)
+                self._dispatch_channel_message(redis_channel, payload, batch)
         elif kind == b"subscribe":
             if redis_channel == CONTROL_KEY:
                 self._connected.set()
@@ -220,7 +232,8 @@ class RedisBroker(Broker):
                 if subscription.unconfirmed <= 0:
                     subscription.confirmed.set()
 
-    def _dispatch_channel_message(self, redis_channel: bytes, blob: bytes) -> None:
+    def _dispatch_channel_message(self, redis_channel: bytes, blob: bytes,
+                                  batch: list[Publication]) -> None:
         if redis_channel not in self._wanted:
             return  # still arriving after an UNSUBSCRIBE
         channel = redis_channel[len(PUBSUB_CHANNEL_PREFIX):].decode()
@@ -230,8 +243,12 @@ class RedisBroker(Broker):
             logger.warning("dropped a message on %s that does not decode: %s", channel, exc)
             return
         if kind == "p":
-            self._handler.on_publication(value)
-        elif kind == "j":
+            batch.append(value)
+            return
+        if batch:  # keep joins and leaves in order with the publications before them
+            self._handler.on_publications(batch[:])
+            batch.clear()
+        if kind == "j":
             self._handler.on_join(channel, value)
         else:
             self._handler.on_leave(channel, value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gevent
 import msgpack
 import pytest
 import redis
@@ -141,3 +142,26 @@ def test_the_subscriber_reconnects_and_resubscribes(tmp_path):
     finally:
         broker.close()
         server.stop()
+
+
+def test_publications_that_pile_up_are_handed_over_together(make_broker):
+    (publisher, _), (subscriber, received) = make_broker(), make_broker()
+    channel = unique("c")
+    subscriber.subscribe(channel)
+    batch_sizes = []
+    record = received.on_publications
+
+    def slow_first_batch(publications):
+        batch_sizes.append(len(publications))
+        record(publications)
+        if len(batch_sizes) == 1:
+            gevent.sleep(0.3)  # a long fan-out: the next ones pile up meanwhile
+
+    received.on_publications = slow_first_batch
+    publisher.publish(channel, 0, user=None, history=KEEP)
+    wait_until(lambda: batch_sizes)
+    for i in range(1, 51):
+        publisher.publish(channel, i, user=None, history=KEEP)
+    wait_until(lambda: len(received.publications) == 51)
+    assert received.offsets(channel) == list(range(1, 52))
+    assert max(batch_sizes[1:]) > 10, batch_sizes

@@ -37,5 +37,6 @@ class FakeConnection(Connection):
         """(event, payload) pairs decoded from the frames, or payloads of ``name``."""
         import json
 
-        decoded = [json.loads(frame.encode()[1:]) for frame in self.sent]
+        decoded = [json.loads(event.encode()[1:]) for frame in self.sent
+                   for event in frame.events]
         return [payload for event, payload in decoded if name is None or event == name]

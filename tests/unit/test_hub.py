@@ -16,7 +16,7 @@ def test_a_publication_is_encoded_once_for_all_subscribers():
     for connection in connections:
         hub.add_subscriber(connection, "ch")
         hub.activate(connection, "ch", 0)
-    hub.deliver_publication(Publication("ch", 1, "x", "a"))
+    hub.deliver_publications([Publication("ch", 1, "x", "a")])
     frames = {id(frame) for c in connections for frame in c.sent}
     assert len(frames) == 1
     assert all(c.events("message") == [{"channel": "ch", "offset": 1, "data": "x", "user": "a"}]
@@ -26,14 +26,14 @@ def test_a_publication_is_encoded_once_for_all_subscribers():
 def test_pending_subscription_holds_frames_until_activated_and_drops_known_offsets():
     hub, (conn,) = make_hub("a")
     assert hub.add_subscriber(conn, "ch") is Subscribed.FIRST_ON_NODE
-    hub.deliver_publication(Publication("ch", 3, "old", None))
+    hub.deliver_publications([Publication("ch", 3, "old", None)])
     hub.deliver_presence_event("join", "ch", "a")
-    hub.deliver_publication(Publication("ch", 4, "new", None))
+    hub.deliver_publications([Publication("ch", 4, "new", None)])
     assert conn.events() == []
     hub.activate(conn, "ch", after_offset=3)
     assert conn.events() == [{"channel": "ch", "user": "a"},
                              {"channel": "ch", "offset": 4, "data": "new", "user": None}]
-    hub.deliver_publication(Publication("ch", 5, "live", None))
+    hub.deliver_publications([Publication("ch", 5, "live", None)])
     assert conn.events()[-1]["offset"] == 5
 
 
@@ -58,3 +58,17 @@ def test_removing_a_connection_reports_its_channels_and_forgets_its_user():
     assert hub.remove_connection(a) == []
     hub.remove_connection(a2)
     assert hub.connections_of("alice") == [] and hub.connection_count == 0
+
+
+def test_publications_that_arrive_together_leave_in_one_write_per_channel():
+    hub, (a, b) = make_hub("a", "b")
+    for connection, channel in ((a, "x"), (b, "x"), (b, "y")):
+        hub.add_subscriber(connection, channel)
+        hub.activate(connection, channel, 0)
+    hub.deliver_publications([Publication("x", 1, 1, None), Publication("y", 1, 2, None),
+                              Publication("x", 2, 3, None)])
+    assert [len(frame.events) for frame in a.sent] == [2]
+    assert a.sent[0] is b.sent[0]  # joined once for every subscriber
+    assert [m["data"] for m in a.events("message")] == [1, 3]
+    assert [(m["channel"], m["data"]) for m in b.events("message")] == [("x", 1), ("x", 3),
+                                                                         ("y", 2)]
