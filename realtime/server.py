@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 
 import gevent
@@ -13,6 +14,10 @@ from .app import Realtime, create_app
 from .config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
+
+# Connection bursts (a reconnect storm, a benchmark) queue in the kernel rather than being
+# refused; Linux caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 
 
 def check_monkey_patched() -> None:
@@ -40,15 +45,29 @@ class RealtimeHandler(WebSocketHandler):
         super().run_application()
 
 
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to the hard limit; return it.
+
+    Every connection is a descriptor: the usual soft limit of 1024 would cap a node at about a
+    thousand clients.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def serve(config: Config) -> None:
     """Run one node until SIGINT or SIGTERM. Raises ConfigError when it cannot start."""
     check_monkey_patched()
+    open_files = raise_open_file_limit()
     realtime: Realtime = create_app(config)
     server = pywsgi.WSGIServer(
         (config.host, config.port),
         realtime.app,
         handler_class=RealtimeHandler,
         log=None,  # no access log line per long-polling request
+        backlog=LISTEN_BACKLOG,
         error_log=logging.getLogger("realtime.wsgi"),
     )
     try:
@@ -58,8 +77,8 @@ def serve(config: Config) -> None:
     server.realtime_websocket = realtime.websocket
     realtime.start()
     host, port = server.socket.getsockname()[:2]
-    logger.info("node %s serving on http://%s:%d (broker %s)", config.node_id, host, port,
-                config.broker)
+    logger.info("node %s serving on http://%s:%d (broker %s, up to %d open files)",
+                config.node_id, host, port, config.broker, open_files)
     stopped = gevent.event.Event()
 
     def shut_down(signum: int) -> None:
