@@ -17,20 +17,16 @@
 (function () {
   'use strict';
 
-  const NAME_RE = /^[A-Za-z0-9_.:@-]{1,64}$/; // must form a valid channel name
+  const {
+    Connection, ChannelStream, createStatusDisplay, requireSocketIo,
+    isValidChannel, loadPrefs, savePrefs, MAX_USER_LENGTH,
+  } = window.RealtimeClient;
+
+  const CHANNEL_PREFIX = 'user:';
   const HISTORY_LIMIT = 50;
-  const ACK_TIMEOUT_MS = 5000;
-  const RETRY_DELAY_MS = 3000;
   const STORAGE_KEY = 'realtime.notifications';
   const CHAT_STORAGE_KEY = 'realtime.chat'; // reuse the chat name as a default
   const BASE_TITLE = 'Notifications — realtime';
-  const RETRYABLE = new Set(['timeout', 'disconnected', 'unavailable', 'rate_limited', 'internal']);
-  const BADGE_LABELS = {
-    connecting: 'Connecting…',
-    connected: 'Connected',
-    reconnecting: 'Reconnecting…',
-    disconnected: 'Disconnected',
-  };
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -52,230 +48,79 @@
   };
 
   const state = {
-    socket: null,
-    user: null,
-    channel: null,
-    gen: 0,               // see chat.js: invalidates stale callbacks
-    everConnected: false,
-    subscribed: false,
-    historyPending: false, // a history (re)load is under way
-    epoch: null,
-    lastOffset: 0,        // newest offset we are in sync with
     lastReadOffset: 0,    // newest offset the user has seen
-    items: new Map(),     // offset -> {offset, user, data, ts}
   };
 
-  // ---------------------------------------------------------------------------
-  // Requests (same contract as chat.js: done(error, response) called from the
-  // ack itself so state is updated before any event in the same packet batch)
+  const status = createStatusDisplay({ badge: el.badge, notice: el.notice, toasts: el.toasts });
 
-  function request(event, payload, done) {
-    const socket = state.socket;
-    if (!socket || !socket.connected) {
-      done({ code: 'disconnected', message: 'not connected to the server' });
-      return;
-    }
-    socket.timeout(ACK_TIMEOUT_MS).emit(event, payload, (err, resp) => {
-      if (err) {
-        const timedOut = /timed out/i.test(String(err.message));
-        done({
-          code: timedOut ? 'timeout' : 'disconnected',
-          message: timedOut ? 'the server did not answer in time' : 'connection lost before the server answered',
-        });
-      } else if (!resp || typeof resp !== 'object') {
-        done({ code: 'internal', message: 'unexpected answer from the server' });
-      } else if (resp.ok !== true) {
-        const e = resp.error && typeof resp.error === 'object' ? resp.error : {};
-        done({ code: String(e.code || 'internal'), message: String(e.message || 'request failed') });
-      } else {
-        done(null, resp);
-      }
-    });
-  }
+  const connection = new Connection(status);
+
+  // stream.publications holds the notifications: offset -> {offset, user, data, ts}.
+  const stream = new ChannelStream(connection, {
+    historyLimit: HISTORY_LIMIT,
+    dataTimeKeys: ['ts', 'time'],
+    texts: {
+      subscribeFailed: (message) => `Could not subscribe to your notifications: ${message}`,
+      historyFailed: (message) => `Could not load your notifications: ${message}`,
+      missed: 'Some notifications may have been missed; reloaded.',
+    },
+    // History and recovered publications are rendered once their request settles.
+    onAdded: (added, live) => { if (live) render(); },
+    onRestart: ({ newEpoch, offset }) => {
+      // Same stream: offsets still compare, keep what was read. New stream
+      // (or the first subscribe): we can't tell what is new, treat the
+      // history as read.
+      if (newEpoch) state.lastReadOffset = offset;
+    },
+    onSubscribed: render,
+    onHistorySettled: render,
+  });
+
+  connection.on('disconnect', render);
 
   // ---------------------------------------------------------------------------
   // Connection
 
   function start(name) {
-    stop();
-    state.user = name;
-    state.channel = `user:${name}`;
-    state.epoch = null;
-    state.historyPending = false;
-    state.lastOffset = 0;
+    connection.open(name); // replaces the connection of the previous name
+    stream.open(CHANNEL_PREFIX + name); // the "connect" handler subscribes
     state.lastReadOffset = 0;
-    state.items = new Map();
-    hideNotice();
+    status.hideNotice();
     el.user.textContent = `for ${name}`;
     el.connectButton.textContent = 'Switch';
     el.stopButton.hidden = false;
     render();
-
-    const socket = io({ auth: { user: name }, forceNew: true });
-    state.socket = socket;
-    state.everConnected = false;
-    setBadge('connecting');
-    const mine = (fn) => (...args) => { if (socket === state.socket) fn(...args); };
-
-    socket.on('connect', mine(() => {
-      setBadge('connected');
-      state.everConnected = true;
-      syncChannel();
-    }));
-    socket.on('disconnect', mine(() => {
-      state.gen++;
-      state.subscribed = false;
-      setBadge(socket.active ? 'reconnecting' : 'disconnected');
-      render();
-    }));
-    socket.on('connect_error', mine((err) => {
-      if (socket.active) {
-        setBadge(state.everConnected ? 'reconnecting' : 'connecting');
-      } else {
-        setBadge('disconnected');
-        showError(`Connection refused: ${err && err.message ? err.message : 'unknown error'}`);
-      }
-    }));
-    socket.io.on('reconnect_attempt', mine(() => setBadge('reconnecting')));
-    socket.on('message', mine(onMessage));
   }
 
   function stop() {
-    const socket = state.socket;
-    if (!socket) return;
-    state.socket = null; // handlers check this and go quiet
-    state.subscribed = false;
-    state.gen++;
-    socket.disconnect();
-  }
-
-  // ---------------------------------------------------------------------------
-  // Channel synchronisation (same scheme as the chat page)
-
-  function syncChannel() {
-    const gen = ++state.gen;
-    const resuming = state.epoch !== null;
-    const payload = resuming
-      ? { channel: state.channel, since: { epoch: state.epoch, offset: state.lastOffset } }
-      : { channel: state.channel };
-
-    request('subscribe', payload, (err, sub) => {
-      if (gen !== state.gen) return;
-      if (err) {
-        showError(`Could not subscribe to your notifications: ${err.message}`);
-        if (RETRYABLE.has(err.code)) retryLater(gen, syncChannel);
-        return;
-      }
-      state.subscribed = true;
-      const offset = toOffset(sub.offset) || 0;
-      if (resuming && sub.recovered === true && sub.epoch === state.epoch) {
-        addItems(sub.publications, false);
-        state.lastOffset = Math.max(state.lastOffset, offset);
-      } else {
-        if (resuming) {
-          showNotice('Some notifications may have been missed; reloaded.');
-          // Same stream: offsets still compare, keep what was read. New
-          // stream: we can't tell what is new, treat the history as read.
-          if (sub.epoch !== state.epoch) state.lastReadOffset = offset;
-        } else {
-          state.lastReadOffset = offset;
-        }
-        state.items = new Map();
-        state.epoch = sub.epoch;
-        state.lastOffset = offset;
-        state.historyPending = true;
-        loadHistory(gen);
-      }
-      render();
-    });
-  }
-
-  function loadHistory(gen) {
-    request('history', { channel: state.channel, limit: HISTORY_LIMIT }, (err, hist) => {
-      if (gen !== state.gen) return;
-      if (err) {
-        showError(`Could not load your notifications: ${err.message}`);
-        if (RETRYABLE.has(err.code)) {
-          retryLater(gen, () => loadHistory(gen));
-        } else {
-          state.historyPending = false;
-          render();
-        }
-        return;
-      }
-      state.historyPending = false;
-      if (hist.epoch !== state.epoch) {
-        // Stream reset between subscribe and history: start over from history.
-        state.items = new Map();
-        state.epoch = hist.epoch;
-        state.lastOffset = toOffset(hist.offset) || 0;
-        state.lastReadOffset = state.lastOffset;
-      }
-      addItems(hist.publications, false);
-      render();
-    });
-  }
-
-  function retryLater(gen, fn) {
-    setTimeout(() => {
-      if (gen === state.gen && state.socket && state.socket.connected) fn();
-    }, RETRY_DELAY_MS);
-  }
-
-  function onMessage(msg) {
-    if (!msg || msg.channel !== state.channel || !state.subscribed) return;
-    const offset = toOffset(msg.offset);
-    if (offset === null || offset <= state.lastOffset) return; // already have it
-    addItems([msg], true);
+    connection.close();
+    stream.close();
+    state.lastReadOffset = 0;
+    status.hideNotice();
+    el.user.textContent = '';
+    el.connectButton.textContent = 'Show notifications';
+    el.stopButton.hidden = true;
+    status.setConnectionState('disconnected');
     render();
   }
 
+  // Names are user ids, so they must also make a valid channel name.
+  function isValidName(name) {
+    return name.length <= MAX_USER_LENGTH && isValidChannel(CHANNEL_PREFIX + name);
+  }
+
   // ---------------------------------------------------------------------------
-  // Data
-
-  function toOffset(value) {
-    return Number.isInteger(value) && value >= 0 ? value : null;
-  }
-
-  function addItems(list, live) {
-    if (!Array.isArray(list)) return;
-    for (const pub of list) {
-      const offset = pub ? toOffset(pub.offset) : null;
-      if (offset === null || state.items.has(offset)) continue;
-      state.items.set(offset, {
-        offset,
-        user: typeof pub.user === 'string' ? pub.user : null,
-        data: pub.data,
-        ts: itemTime(pub, live),
-      });
-      if (offset > state.lastOffset) state.lastOffset = offset;
-    }
-  }
-
-  // No server timestamp in publications: use one from the payload if any,
-  // else the arrival time for live notifications.
-  function itemTime(pub, live) {
-    const data = pub.data && typeof pub.data === 'object' ? pub.data : {};
-    for (const value of [pub.ts, pub.time, data.ts, data.time]) {
-      if (typeof value === 'number' && Number.isFinite(value) && value > 0) {
-        return value < 1e11 ? value * 1000 : value; // seconds or milliseconds
-      }
-      if (typeof value === 'string' && value && !Number.isNaN(Date.parse(value))) {
-        return Date.parse(value);
-      }
-    }
-    return live ? Date.now() : null;
-  }
+  // Unread
 
   function unreadCount() {
     let n = 0;
-    for (const offset of state.items.keys()) if (offset > state.lastReadOffset) n++;
+    for (const offset of stream.publications.keys()) if (offset > state.lastReadOffset) n++;
     return n;
   }
 
   function markAllRead() {
-    if (state.lastReadOffset >= state.lastOffset) return;
-    state.lastReadOffset = state.lastOffset;
+    if (state.lastReadOffset >= stream.lastOffset) return;
+    state.lastReadOffset = stream.lastOffset;
     render();
   }
 
@@ -283,7 +128,7 @@
   // Rendering (lists are small: rebuild on every change)
 
   function render() {
-    const items = Array.from(state.items.values()).sort((a, b) => b.offset - a.offset);
+    const items = Array.from(stream.publications.values()).sort((a, b) => b.offset - a.offset);
     el.list.replaceChildren(...items.map(itemNode));
 
     const unread = unreadCount();
@@ -293,16 +138,16 @@
     document.title = unread > 0 ? `(${unread}) ${BASE_TITLE}` : BASE_TITLE;
 
     el.empty.hidden = items.length > 0;
-    if (!state.user) {
+    if (!connection.user) {
       el.emptyText.textContent = 'Enter your name to see your notifications.';
       el.emptyExample.hidden = true;
-    } else if (!state.subscribed || state.historyPending) {
+    } else if (!stream.subscribed || stream.historyPending) {
       el.emptyText.textContent = 'Loading…';
       el.emptyExample.hidden = true;
     } else {
       el.emptyText.textContent = 'No notifications yet. Backends can send you one with:';
       el.emptyExample.textContent = 'POST /api/publish\n' + JSON.stringify(
-        { channel: state.channel, data: { title: 'Hello', body: 'Your report is ready.' } });
+        { channel: stream.channel, data: { title: 'Hello', body: 'Your report is ready.' } });
       el.emptyExample.hidden = false;
     }
   }
@@ -355,53 +200,14 @@
   }
 
   // ---------------------------------------------------------------------------
-  // UI helpers
-
-  function setBadge(connectionState) {
-    el.badge.dataset.state = connectionState;
-    el.badge.textContent = BADGE_LABELS[connectionState];
-  }
-
-  let noticeTimer = null;
-  function showNotice(text) {
-    el.notice.textContent = text;
-    el.notice.hidden = false;
-    clearTimeout(noticeTimer);
-    noticeTimer = setTimeout(hideNotice, 10000);
-  }
-
-  function hideNotice() {
-    clearTimeout(noticeTimer);
-    el.notice.hidden = true;
-  }
-
-  function showError(text) {
-    const toast = document.createElement('div');
-    toast.className = 'toast';
-    toast.setAttribute('role', 'alert');
-    toast.textContent = text;
-    toast.title = 'Click to dismiss';
-    const remove = () => toast.remove();
-    toast.addEventListener('click', remove);
-    setTimeout(remove, 6000);
-    el.toasts.appendChild(toast);
-    while (el.toasts.children.length > 4) el.toasts.firstElementChild.remove();
-  }
+  // Stored name
 
   function readStoredName() {
     for (const key of [STORAGE_KEY, CHAT_STORAGE_KEY]) {
-      try {
-        const prefs = JSON.parse(localStorage.getItem(key) || '{}');
-        if (prefs && typeof prefs.name === 'string' && prefs.name) return prefs.name;
-      } catch (_) { /* storage disabled or corrupt */ }
+      const prefs = loadPrefs(key);
+      if (typeof prefs.name === 'string' && prefs.name) return prefs.name;
     }
     return '';
-  }
-
-  function storeName(name) {
-    try {
-      localStorage.setItem(STORAGE_KEY, JSON.stringify({ name }));
-    } catch (_) { /* storage disabled: nothing to remember */ }
   }
 
   // ---------------------------------------------------------------------------
@@ -412,33 +218,19 @@
     const name = el.nameInput.value.trim();
     let problem = null;
     if (!name) problem = 'Please enter your name.';
-    else if (!NAME_RE.test(name)) problem = 'Names use letters, digits and _ . : @ - only (up to 64).';
+    else if (!isValidName(name)) problem = 'Names use letters, digits and _ . : @ - only (up to 64).';
     el.nameError.textContent = problem || '';
     el.nameError.hidden = problem === null;
     if (problem) return;
-    storeName(name);
-    if (name === state.user && state.socket) {
-      if (!state.socket.active) state.socket.connect(); // closed by the server: retry
+    savePrefs(STORAGE_KEY, { name });
+    if (name === connection.user && connection.socket) {
+      if (!connection.active) connection.reconnect(); // closed by the server: retry
       return;
     }
     start(name);
   });
 
-  el.stopButton.addEventListener('click', () => {
-    stop();
-    state.user = null;
-    state.channel = null;
-    state.epoch = null;
-    state.items = new Map();
-    state.lastOffset = 0;
-    state.lastReadOffset = 0;
-    hideNotice();
-    el.user.textContent = '';
-    el.connectButton.textContent = 'Show notifications';
-    el.stopButton.hidden = true;
-    setBadge('disconnected');
-    render();
-  });
+  el.stopButton.addEventListener('click', stop);
 
   el.markReadButton.addEventListener('click', markAllRead);
   // Looking at the page counts as reading it.
@@ -450,11 +242,8 @@
   el.nameInput.value = readStoredName();
   render();
 
-  if (typeof io !== 'function') {
-    showError('The Socket.IO client could not be loaded (/vendor/socket.io.min.js).');
-    return;
-  }
-  if (el.nameInput.value && NAME_RE.test(el.nameInput.value)) {
+  if (!requireSocketIo(status)) return;
+  if (el.nameInput.value && isValidName(el.nameInput.value)) {
     el.form.requestSubmit();
   } else {
     el.nameInput.focus();
