@@ -459,15 +459,23 @@ class WebSocketConnection(Connection):
             self.worker = gevent.spawn(self._work)
 
     def _work(self) -> None:
+        handled = 0
         try:
             while self.inbox and not self.closed:
+                handled += 1
+                if handled % 32 == 0:
+                    gevent.sleep(0)  # a client with a long backlog must not starve the others
+                    if not self.inbox or self.closed:
+                        break
                 item = self.inbox.popleft()
                 if item[0] == "connect":
                     self._connect(item[1], item[2])
                 else:
                     self._handle_event(*item[1:])
-                if len(self.inbox) == MAX_INBOX // 2 and not self.closed:
-                    self.reader.start(self._on_readable)
+                if self.closed:
+                    break
+                if len(self.inbox) <= MAX_INBOX // 2 and not self.reader.active:
+                    self.reader.start(self._on_readable)  # it was paused by _enqueue
         except Exception:
             logger.exception("closing %s: handling an event failed", self._name())
             self.close("internal error")

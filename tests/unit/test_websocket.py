@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 
+import gevent
 import pytest
 
 from realtime.app import create_app
@@ -243,3 +244,15 @@ def test_engineio_ping_pong_and_close(open_peer, realtime):
     assert peer.text() == "2"
     connection.check_heartbeat(connection.next_ping)  # no pong this time
     assert connection.closed and peer.closed()
+
+
+def test_a_flood_of_events_pauses_reading_and_every_event_is_answered(open_peer):
+    peer, connection = connected(open_peer)
+    connection.transport.max_outbound_buffer = 1 << 20  # this peer reads, just not at once
+    count = 600  # more than the inbox holds: reading pauses, then resumes
+    sender = gevent.spawn(peer.send, *(client_frame(f'42{i}["history",{{"channel":"c"}}]')
+                                       for i in range(count)))
+    acks = [peer.text() for _ in range(count)]
+    sender.join()
+    assert [int(a[2:a.index("[")]) for a in acks] == list(range(count))
+    assert connection.reader.active and not connection.closed
