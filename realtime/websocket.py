@@ -134,7 +134,7 @@ class WebSocketTransport:
         self.max_message = config.max_message_size + config.frame_overhead
         self.max_outbound_buffer = config.max_outbound_buffer
         self.allowed_origins = config.cors_allowed_origins
-        self.open_packet_frame_fields = {
+        self._open_packet_fields = {
             "upgrades": [], "pingInterval": int(self.ping_interval * 1000),
             "pingTimeout": int(self.ping_timeout * 1000), "maxPayload": self.max_message}
         self.connections: set[WebSocketConnection] = set()
@@ -173,19 +173,23 @@ class WebSocketTransport:
             problem = "Bad WebSocket handshake"
         elif not self._origin_allowed(environ):
             problem = "Not an accepted origin."
-        if problem is not None:
-            body = json.dumps(problem).encode()
+        try:
+            if problem is not None:
+                body = json.dumps({"error": {"code": "bad_request", "message": problem}})
+                handler.socket.sendall(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body), body.encode()))
+                return
+            accept_key = base64.b64encode(hashlib.sha1(key.encode() + WEBSOCKET_GUID).digest())
+            eio_sid = new_session_id(self.node_id)
+            open_packet = EIO_OPEN + dumps({"sid": eio_sid, **self._open_packet_fields})
             handler.socket.sendall(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            return
-        accept_key = base64.b64encode(hashlib.sha1(key.encode() + WEBSOCKET_GUID).digest())
-        eio_sid = new_session_id(self.node_id)
-        open_packet = EIO_OPEN + dumps({"sid": eio_sid, **self.open_packet_frame_fields})
-        handler.socket.sendall(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key + b"\r\n\r\n"
-            + websocket_frame(open_packet.encode()))
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key + b"\r\n\r\n"
+                + websocket_frame(open_packet.encode()))
+        except OSError:
+            return  # the client left during the handshake
         # Take the descriptor: the handler's socket object forgets it (and does not close
         # it), so the handler and its greenlet end while the connection lives on.
         sock = _socket.socket(fileno=handler.socket.detach())

@@ -256,3 +256,40 @@ def test_a_flood_of_events_pauses_reading_and_every_event_is_answered(open_peer)
     sender.join()
     assert [int(a[2:a.index("[")]) for a in acks] == list(range(count))
     assert connection.reader.active and not connection.closed
+
+
+@pytest.mark.parametrize("environ,wanted", [
+    ({"HTTP_UPGRADE": "websocket", "PATH_INFO": "/socket.io/",
+      "QUERY_STRING": "EIO=4&transport=websocket"}, True),
+    ({"HTTP_UPGRADE": "WebSocket", "PATH_INFO": "/socket.io",
+      "QUERY_STRING": "transport=websocket&EIO=4&t=abc"}, True),
+    # an upgrade of a long-polling session stays with python-engineio
+    ({"HTTP_UPGRADE": "websocket", "PATH_INFO": "/socket.io/",
+      "QUERY_STRING": "EIO=4&transport=websocket&sid=n1.abc"}, False),
+    ({"HTTP_UPGRADE": "websocket", "PATH_INFO": "/socket.io/",
+      "QUERY_STRING": "EIO=3&transport=websocket"}, False),
+    ({"PATH_INFO": "/socket.io/", "QUERY_STRING": "EIO=4&transport=polling"}, False),
+    ({"HTTP_UPGRADE": "websocket", "PATH_INFO": "/elsewhere",
+      "QUERY_STRING": "EIO=4&transport=websocket"}, False),
+])
+def test_which_requests_take_the_direct_path(environ, wanted):
+    from realtime.websocket import WebSocketTransport
+
+    assert WebSocketTransport.wants(environ) is wanted
+
+
+@pytest.mark.parametrize("allowed,origin,host,ok", [
+    ("", None, "a:1", True),
+    ("", "http://a:1", "a:1", True),
+    ("", "http://evil", "a:1", False),
+    ("*", "http://evil", "a:1", True),
+    ("http://b", "http://b", "a:1", True),
+    ("http://b", "http://a:1", "a:1", False),
+])
+def test_origins(realtime, allowed, origin, host, ok):
+    from realtime.websocket import WebSocketTransport
+
+    config = Config(node_id="o", allowed_origins=allowed)
+    transport = WebSocketTransport(realtime.websocket.protocol, config)
+    environ = {"HTTP_HOST": host, **({"HTTP_ORIGIN": origin} if origin else {})}
+    assert transport._origin_allowed(environ) is ok
