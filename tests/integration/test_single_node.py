@@ -210,3 +210,17 @@ def test_bad_configuration_exits_with_a_clear_message(tmp_path):
     assert node.process.wait(15) == 2
     assert "unsupported broker URL" in node.log()
     node.stop()
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "http://evil.example"},
+    {"Sec-WebSocket-Version": "8"},
+])
+def test_bad_websocket_handshakes_get_a_400_with_a_json_error(single_node, headers):
+    request_headers = {"Upgrade": "websocket", "Connection": "Upgrade",
+                       "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                       "Sec-WebSocket-Version": "13", **headers}
+    response = requests.get(single_node.url + "/socket.io/?EIO=4&transport=websocket",
+                            headers=request_headers, timeout=5)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "bad_request"
