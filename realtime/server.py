@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import signal
+import socket
 
 import gevent
 from gevent import pywsgi
@@ -74,6 +75,9 @@ def serve(config: Config) -> None:
         server.init_socket()
     except OSError as exc:
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
+    # Accepted sockets inherit it: long-polling responses and events leave at once instead of
+    # waiting behind Nagle's algorithm for the client's delayed ACK.
+    server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     server.realtime_websocket = realtime.websocket
     realtime.start()
     host, port = server.socket.getsockname()[:2]

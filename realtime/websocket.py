@@ -195,6 +195,10 @@ class WebSocketTransport:
         sock = _socket.socket(fileno=handler.socket.detach())
         handler.socket = None
         sock.setblocking(False)
+        # Frames leave as soon as they are written: the fan-out already batches what piled
+        # up, and Nagle's algorithm would hold the next frame until the client's delayed ACK
+        # (up to 40 ms on Linux).
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         connection = WebSocketConnection(self, sock, eio_sid)
         self.connections.add(connection)
         self.schedule(connection, time.monotonic() + self.ping_interval)
