@@ -103,10 +103,16 @@ class Hub:
         """Channels with at least one local subscriber."""
         return list(self._subscribers)
 
-    def presence_entries(self) -> list[tuple[str, str, str]]:
-        """Every live ``(channel, client_id, user)`` of this node, for presence refreshes."""
+    def presence_entries(self, part: int = 0, parts: int = 1) -> list[tuple[str, str, str]]:
+        """The live ``(channel, client_id, user)`` of this node, for presence refreshes.
+
+        With ``parts`` > 1, only the connections of slice ``part`` of that many (each
+        connection always falls in the same slice).
+        """
         return [(channel, c.client_id, c.user)
-                for c in self._connections.values() for channel in c.channels]
+                for c in self._connections.values()
+                if parts == 1 or hash(c.client_id) % parts == part
+                for channel in c.channels]
 
     # -- subscriptions -----------------------------------------------------------------------
 

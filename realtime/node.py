@@ -261,16 +261,18 @@ class Node:
 
     def _heartbeat_loop(self) -> None:
         """Announce this node and refresh its presence entries, forever, surviving failures."""
-        presence_due = 0.0
+        # Every entry is refreshed once per third of the TTL (it survives two missed refreshes),
+        # a slice of the connections per heartbeat: thousands of entries refreshed at once
+        # would stall the event loop, and every client's latency with it.
+        slices = max(1, int(self.config.presence_ttl / 3 / HEARTBEAT_INTERVAL))
+        beat = 0
         while self._running:
             try:
                 self._send_control("node", info=dataclasses.astuple(self.local_info()))
-                if time.monotonic() >= presence_due:
-                    # A third of the TTL: an entry survives two missed refreshes.
-                    presence_due = time.monotonic() + self.config.presence_ttl / 3
-                    self.presence_store.refresh(self.hub.presence_entries())
+                self.presence_store.refresh(self.hub.presence_entries(beat % slices, slices))
             except Exception:
                 logger.exception("heartbeat failed; retrying")
+            beat += 1
             gevent.sleep(HEARTBEAT_INTERVAL * random.uniform(0.8, 1.0))
 
     # -- BrokerEventHandler ------------------------------------------------------------------

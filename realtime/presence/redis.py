@@ -49,6 +49,20 @@ end
 return 0
 """
 
+# ARGV: ttl_ms, then client, user pairs: ADD_SCRIPT for many entries of one channel.
+REFRESH_SCRIPT = _EXPIRE_STALE + """
+local ttl_ms = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    redis.call('HINCRBY', KEYS[3], ARGV[i + 1], 1)
+  end
+  redis.call('ZADD', KEYS[1], now_ms + ttl_ms, ARGV[i])
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+return 0
+"""
+
 MEMBERS_SCRIPT = _EXPIRE_STALE + """
 return redis.call('HGETALL', KEYS[3])
 """
@@ -69,6 +83,7 @@ class RedisPresenceStore(PresenceStore):
         self._add = self._client.register_script(ADD_SCRIPT)
         self._remove = self._client.register_script(REMOVE_SCRIPT)
         self._members = self._client.register_script(MEMBERS_SCRIPT)
+        self._refresh = self._client.register_script(REFRESH_SCRIPT)
 
     def add(self, channel: str, client_id: str, user: str) -> bool:
         with translate_redis_errors("presence add"):
@@ -88,11 +103,14 @@ class RedisPresenceStore(PresenceStore):
     def refresh(self, entries: list[tuple[str, str, str]]) -> None:
         if not entries:
             return
+        by_channel: dict[str, list[str]] = {}
+        for channel, client_id, user in entries:
+            by_channel.setdefault(channel, []).extend((client_id, user))
         with translate_redis_errors("presence refresh"):
             pipeline = self._client.pipeline(transaction=False)
-            for channel, client_id, user in entries:
-                self._add(keys=presence_keys(channel), args=[client_id, user, self._ttl_ms],
-                          client=pipeline)
+            for channel, pairs in by_channel.items():
+                self._refresh(keys=presence_keys(channel), args=[self._ttl_ms, *pairs],
+                              client=pipeline)
             pipeline.execute()
 
     def close(self) -> None:

@@ -72,3 +72,14 @@ def test_publications_that_arrive_together_leave_in_one_write_per_channel():
     assert [m["data"] for m in a.events("message")] == [1, 3]
     assert [(m["channel"], m["data"]) for m in b.events("message")] == [("x", 1), ("x", 3),
                                                                          ("y", 2)]
+
+
+def test_presence_entries_split_into_slices_that_cover_every_connection_once():
+    hub, connections = make_hub(*[f"u{i}" for i in range(50)])
+    for connection in connections:
+        hub.add_subscriber(connection, "a")
+        hub.add_subscriber(connection, "b")
+    everything = sorted(hub.presence_entries())
+    slices = [hub.presence_entries(part, 5) for part in range(5)]
+    assert sorted(entry for part in slices for entry in part) == everything
+    assert len(everything) == 100 and all(len(part) < 100 for part in slices)
