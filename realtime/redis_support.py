@@ -61,6 +61,8 @@ def translate_redis_errors(what: str) -> Iterator[None]:
     """Turn redis-py failures into :class:`~realtime.errors.Unavailable` for the edges."""
     try:
         yield
-    except redis.RedisError as exc:
+    # redis-py lets a few socket failures through untranslated, e.g. ValueError "Invalid file
+    # object" for a connection closed under it.
+    except (redis.RedisError, OSError, ValueError) as exc:
         logger.warning("redis %s failed: %s", what, exc)
         raise Unavailable(f"the message store is unavailable ({type(exc).__name__})") from exc

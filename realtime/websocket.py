@@ -138,6 +138,8 @@ class WebSocketTransport:
             "upgrades": [], "pingInterval": int(self.ping_interval * 1000),
             "pingTimeout": int(self.ping_timeout * 1000), "maxPayload": self.max_message}
         self.connections: set[WebSocketConnection] = set()
+        # greenlets making the node forget closed connections (see WebSocketConnection._shut)
+        self.cleanups: set[gevent.Greenlet] = set()
         # due second -> connections to check then (pings, pong deadlines, connect timeouts)
         self._wheel: dict[int, list[WebSocketConnection]] = collections.defaultdict(list)
         self._ticker: gevent.Greenlet | None = None
@@ -145,11 +147,23 @@ class WebSocketTransport:
     def start(self) -> None:
         self._ticker = gevent.spawn(self._tick_forever)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close every connection and wait (up to ``timeout``) until the node forgot them.
+
+        The node's presence and subscriptions are cleaned up before its broker closes, instead
+        of failing half-way on closed Redis connections.
+        """
         if self._ticker is not None:
             self._ticker.kill()
         for connection in list(self.connections):
             connection.close("server shutting down")
+        gevent.joinall(list(self.cleanups), timeout=timeout)
+
+    def forget_later(self, connection: WebSocketConnection) -> None:
+        """Make the node forget ``connection`` from a greenlet of its own."""
+        cleanup = gevent.spawn(self.node.disconnect, connection)
+        self.cleanups.add(cleanup)
+        cleanup.link(self.cleanups.discard)
 
     # -- the handshake, in the WSGI handler's greenlet --------------------------------------
 
@@ -573,7 +587,7 @@ class WebSocketConnection(Connection):
         if self.client_id:
             # Closing may happen inside the hub's fan-out loop or the event loop itself:
             # forgetting the connection (which may wait on Redis) runs on its own.
-            gevent.spawn(self.transport.node.disconnect, self)
+            self.transport.forget_later(self)
 
     def _name(self) -> str:
         return f"websocket {self.eio_sid}" + (f" ({self.user})" if self.user else "")

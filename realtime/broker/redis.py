@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import random
@@ -39,16 +40,6 @@ CONTROL_KEY = CONTROL_CHANNEL.encode()
 MAX_BATCH = 512
 
 
-class _Subscription:
-    """Confirmation state of one pub/sub channel on this node's subscriber connection."""
-
-    __slots__ = ("unconfirmed", "confirmed")
-
-    def __init__(self) -> None:
-        self.unconfirmed = 0  # SUBSCRIBE commands sent and not yet answered
-        self.confirmed = gevent.event.Event()
-
-
 class RedisBroker(Broker):
     """:class:`Broker` over Redis, for any number of nodes sharing one Redis.
 
@@ -72,7 +63,12 @@ class RedisBroker(Broker):
         self._client = create_client(url, pool_size=pool_size, timeout=timeout)
         self._streams = RedisStreams(self._client)
         self._handler: BrokerEventHandler | None = None
-        self._wanted: dict[bytes, _Subscription] = {}
+        # pub/sub channel -> set once Redis confirmed it on the current connection
+        self._wanted: dict[bytes, gevent.event.Event] = {}
+        # SUBSCRIBE commands sent on the current connection and not answered yet, per channel.
+        # Counted apart from _wanted: after subscribe, unsubscribe and subscribe again, the
+        # first answer must not pass for the second one.
+        self._unanswered: collections.Counter[bytes] = collections.Counter()
         self._pubsub: Any = None
         self._connected = gevent.event.Event()
         self._send_lock = gevent.lock.Semaphore()
@@ -128,14 +124,14 @@ class RedisBroker(Broker):
 
     def subscribe(self, channel: str) -> None:
         key = pubsub_channel(channel).encode()
-        subscription = self._wanted.get(key)
-        if subscription is None:
+        confirmed = self._wanted.get(key)
+        if confirmed is None:
             if not self._connected.is_set():
                 raise Unavailable("not connected to redis")
-            subscription = self._wanted[key] = _Subscription()
-            subscription.unconfirmed += 1
+            confirmed = self._wanted[key] = gevent.event.Event()
+            self._unanswered[key] += 1
             self._send("SUBSCRIBE", key)
-        if not subscription.confirmed.wait(self._timeout):
+        if not confirmed.wait(self._timeout):
             raise Unavailable("redis did not confirm the subscription in time")
 
     def unsubscribe(self, channel: str) -> None:
@@ -178,9 +174,9 @@ class RedisBroker(Broker):
         """Open a subscriber connection and subscribe to control and every wanted channel."""
         pubsub = self._client.pubsub()
         channels = [CONTROL_KEY, *self._wanted]
-        for subscription in self._wanted.values():
-            subscription.unconfirmed = 1
-            subscription.confirmed.clear()
+        self._unanswered = collections.Counter(list(self._wanted))  # one SUBSCRIBE each
+        for confirmed in self._wanted.values():
+            confirmed.clear()
         with self._send_lock:
             self._pubsub = pubsub
             pubsub.execute_command("SUBSCRIBE", *channels)
@@ -226,11 +222,14 @@ class RedisBroker(Broker):
             if redis_channel == CONTROL_KEY:
                 self._connected.set()
                 return
-            subscription = self._wanted.get(redis_channel)
-            if subscription is not None:
-                subscription.unconfirmed -= 1
-                if subscription.unconfirmed <= 0:
-                    subscription.confirmed.set()
+            unanswered = self._unanswered[redis_channel] - 1
+            if unanswered > 0:
+                self._unanswered[redis_channel] = unanswered
+                return
+            self._unanswered.pop(redis_channel, None)
+            confirmed = self._wanted.get(redis_channel)
+            if confirmed is not None:
+                confirmed.set()
 
     def _dispatch_channel_message(self, redis_channel: bytes, blob: bytes,
                                   batch: list[Publication]) -> None:
