@@ -1,0 +1,1 @@
+"""The benchmark suite of realtime: ``python bench/run.py --help``."""

@@ -1,0 +1,1 @@
+"""The peers realtime is measured against, run by bench/targets.py."""
