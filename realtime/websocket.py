@@ -295,14 +295,8 @@ class WebSocketConnection(Connection):
             if self.outsize > self.transport.max_outbound_buffer:
                 self.close("slow")
             return
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.close("transport error")
-            return
-        if sent < len(data):
+        sent = self._send_now(data)
+        if sent is not None and sent < len(data):
             self.outbuf = [data[sent:]]
             self.outsize = len(data) - sent
             if self.writer is None:
@@ -314,18 +308,24 @@ class WebSocketConnection(Connection):
         if self.closed or self.outbuf is None:
             return
         data = b"".join(self.outbuf) if len(self.outbuf) > 1 else self.outbuf[0]
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.close("transport error")
+        sent = self._send_now(data)
+        if sent is None:
             return
         if sent == len(data):
             self.outbuf, self.outsize = None, 0
             self.writer.stop()
         else:
             self.outbuf, self.outsize = [data[sent:]], len(data) - sent
+
+    def _send_now(self, data: bytes) -> int | None:
+        """Send what the socket takes now: bytes sent, or None once the connection broke."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.close("transport error")
+            return None
 
     def write_packet(self, socketio_packet: str) -> None:
         self.write(socketio_text_frame(socketio_packet))
