@@ -53,9 +53,14 @@ def raise_open_file_limit() -> int:
     thousand clients.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux refuses "unlimited"
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-file limit above %d: %s", soft, exc)
+            return soft
+    return max(soft, target)
 
 
 def serve(config: Config) -> None:
