@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -22,7 +23,7 @@ import multiprocessing
 import resource
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -464,6 +465,27 @@ class Worker:
                 "started_wall": _wall(started),
                 "ended": ended, "worst_lateness_ms": round(worst * 1000, 3)}
 
+    async def _paced_through_lanes(
+            self, command_id: int, rate: float, duration: float,
+            lanes: Sequence[Callable[[int], Awaitable[None]]]) -> tuple[int, float, float, float]:
+        """Pace message numbers at ``rate`` into a queue that ``lanes`` work off concurrently.
+
+        Each lane handles one message at a time (one keep-alive connection, one thread); the
+        schedule does not wait for them. Returns what :meth:`_paced` returns.
+        """
+        queue: asyncio.Queue[int | None] = asyncio.Queue()
+
+        async def work(handle: Callable[[int], Awaitable[None]]) -> None:
+            while (i := await queue.get()) is not None:
+                await handle(i)
+
+        runners = [asyncio.ensure_future(work(lane)) for lane in lanes]
+        paced = await self._paced(rate, duration, queue.put_nowait, command_id)
+        for _ in runners:
+            queue.put_nowait(None)
+        await asyncio.gather(*runners)
+        return paced
+
     async def op_publish_http(self, command_id: int, *, urls: list[list[Any]], channel: str,
                               users: int, rate: float, duration: float, pub_id: int,
                               size: int = 100, connections: int = 8, path: str = "/api/publish",
@@ -475,7 +497,6 @@ class Worker:
         """
         clients = [await HttpClient.open(*urls[n % len(urls)], self.sources[n % len(self.sources)])
                    for n in range(connections)]
-        queue: asyncio.Queue[int | None] = asyncio.Queue()
         stats = {"ok": 0, "errors": 0, "error_samples": {}}
         latencies: list[float] = []
 
@@ -497,17 +518,9 @@ class Worker:
                 _count_error(stats, f"{type(exc).__name__}: {exc}")
             latencies.append(time.monotonic() - began)
 
-        async def drain_queue(http: HttpClient) -> None:
-            while (i := await queue.get()) is not None:
-                await post(http, i)
-
         if rate > 0:
-            runners = [asyncio.ensure_future(drain_queue(c)) for c in clients]
-            sent, started, ended, worst = await self._paced(
-                rate, duration, queue.put_nowait, command_id)
-            for _ in clients:
-                queue.put_nowait(None)
-            await asyncio.gather(*runners)
+            sent, started, ended, worst = await self._paced_through_lanes(
+                command_id, rate, duration, [functools.partial(post, http) for http in clients])
         else:
             counter = itertools.count()
             started = time.monotonic()
@@ -523,14 +536,7 @@ class Worker:
             sent = next(counter)
         for http in clients:
             http.close()
-        latencies.sort()
-        return {"sent": sent, "acked_ok": stats["ok"], "ack_errors": stats["errors"],
-                "unacked": sent - stats["ok"] - stats["errors"],
-                "error_samples": stats["error_samples"], "started": started, "ended": ended,
-                "started_wall": _wall(started),
-                "worst_lateness_ms": round(worst * 1000, 3),
-                "request_p50_ms": _quantile_ms(latencies, 0.5),
-                "request_p99_ms": _quantile_ms(latencies, 0.99)}
+        return _publish_summary(sent, stats, latencies, started, ended, worst)
 
     async def op_publish_emitter(self, command_id: int, *, redis_url: str, channel: str,
                                  users: int, rate: float, duration: float, pub_id: int,
@@ -555,20 +561,13 @@ class Worker:
                 _count_error(stats, f"{type(exc).__name__}: {exc}")
             latencies.append(time.monotonic() - began)
 
-        queue: asyncio.Queue[int | None] = asyncio.Queue()
-
-        async def drain_queue() -> None:
-            while (i := await queue.get()) is not None:
-                await asyncio.to_thread(publish, i)
+        async def publish_in_thread(i: int) -> None:
+            await asyncio.to_thread(publish, i)
 
         try:
             if rate > 0:
-                runners = [asyncio.ensure_future(drain_queue()) for _ in range(threads)]
-                sent, started, ended, worst = await self._paced(
-                    rate, duration, queue.put_nowait, command_id)
-                for _ in runners:
-                    queue.put_nowait(None)
-                await asyncio.gather(*runners)
+                sent, started, ended, worst = await self._paced_through_lanes(
+                    command_id, rate, duration, [publish_in_thread] * threads)
             else:
                 counter = itertools.count()
                 started = time.monotonic()
@@ -584,14 +583,7 @@ class Worker:
                 sent = next(counter)
         finally:
             emitter.close()
-        latencies.sort()
-        return {"sent": sent, "acked_ok": stats["ok"], "ack_errors": stats["errors"],
-                "unacked": sent - stats["ok"] - stats["errors"],
-                "error_samples": stats["error_samples"], "started": started, "ended": ended,
-                "started_wall": _wall(started),
-                "worst_lateness_ms": round(worst * 1000, 3),
-                "request_p50_ms": _quantile_ms(latencies, 0.5),
-                "request_p99_ms": _quantile_ms(latencies, 0.99)}
+        return _publish_summary(sent, stats, latencies, started, ended, worst)
 
     # -- churn -------------------------------------------------------------------------------
 
@@ -662,6 +654,19 @@ async def _ack_summary(futures: list[asyncio.Future[Any]], timeout: float) -> di
             samples[key] = samples.get(key, 0) + 1
     return {"acked_ok": ok, "ack_errors": errors, "unacked": len(futures) - ok - errors,
             "error_samples": samples}
+
+
+def _publish_summary(sent: int, stats: dict[str, Any], latencies: list[float], started: float,
+                     ended: float, worst: float) -> dict[str, Any]:
+    """What the publishing ops through the HTTP API and the emitter report."""
+    latencies.sort()
+    return {"sent": sent, "acked_ok": stats["ok"], "ack_errors": stats["errors"],
+            "unacked": sent - stats["ok"] - stats["errors"],
+            "error_samples": stats["error_samples"], "started": started, "ended": ended,
+            "started_wall": _wall(started),
+            "worst_lateness_ms": round(worst * 1000, 3),
+            "request_p50_ms": _quantile_ms(latencies, 0.5),
+            "request_p99_ms": _quantile_ms(latencies, 0.99)}
 
 
 def _wall(monotonic: float) -> float:
