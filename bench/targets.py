@@ -38,6 +38,7 @@ from realtime.cluster import (
     find_executable,
     free_port,
     nginx_command,
+    redis_pings,
     render_nginx_config,
     stop_children,
 )
@@ -151,17 +152,6 @@ def _wait_ready(children: list[Child], urls: list[str], what: str) -> None:
         time.sleep(0.05)
 
 
-def _redis_pings(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def start(target: str, workdir: Path, nodes: int, *, nginx: bool = False,
           node_args: list[str] | None = None) -> Deployment:
     """Start ``target`` with ``nodes`` nodes sharing one fresh redis-server (and nginx)."""
@@ -199,7 +189,7 @@ def _start_peer(target: str, workdir: Path, nodes: int, nginx: bool) -> Deployme
             find_executable("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(workdir)], workdir / "redis.log"))
         deadline = time.monotonic() + READY_TIMEOUT
-        while not _redis_pings(redis_port):
+        while not redis_pings("127.0.0.1", redis_port):
             if time.monotonic() > deadline or not children[0].alive():
                 raise ClusterError(f"redis did not start\n{children[0].log_tail()}")
             time.sleep(0.05)

@@ -448,7 +448,7 @@ class LocalCluster:
                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         child = Child("redis", "redis", argv, self.workdir / "redis.log", url=self.redis_url)
         self.children.append(child)
-        self._wait(lambda: _redis_pings("127.0.0.1", port), "redis to answer PING",
+        self._wait(lambda: redis_pings("127.0.0.1", port), "redis to answer PING",
                    self.ready_timeout, [child])
 
     def _start_nodes(self) -> None:
@@ -559,7 +559,8 @@ def _tcp_connects(host: str, port: int) -> bool:
         return False
 
 
-def _redis_pings(host: str, port: int) -> bool:
+def redis_pings(host: str, port: int) -> bool:
+    """True when a Redis server answers PING at ``host:port`` within a second."""
     try:
         with socket.create_connection((host, port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")

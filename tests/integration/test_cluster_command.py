@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import pytest
 import requests
 import socketio
 
-from realtime.cluster import ClusterError, LocalCluster, find_executable
+from realtime.cluster import ClusterError, LocalCluster, find_executable, redis_pings
 from tests.helpers import free_port, wait_until
 from tests.integration.processes import REPO, ManagedProcess, wait_port_closed
 
@@ -181,7 +180,7 @@ def test_an_external_redis_is_used_and_left_running(run_cluster, tmp_path):
                                      "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                                      "--dir", str(tmp_path)], tmp_path / "redis.log")
     try:
-        wait_until(lambda: pings(redis_port), 10, message="the test's redis")
+        wait_until(lambda: redis_pings("127.0.0.1", redis_port), 10, message="the test's redis")
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         cluster = run_cluster("--nodes", "1", "--port", "0", "--redis", redis_url).wait_ready()
         assert "redis" not in cluster.parts
@@ -191,7 +190,7 @@ def test_an_external_redis_is_used_and_left_running(run_cluster, tmp_path):
 
         cluster.process.send_signal(signal.SIGINT)
         assert cluster.wait_exit() == 0, cluster.logs()
-        assert redis.alive() and pings(redis_port)
+        assert redis.alive() and redis_pings("127.0.0.1", redis_port)
     finally:
         redis.stop()
 
@@ -215,10 +214,3 @@ def test_a_part_that_fails_to_start_is_reported_and_nothing_is_left(tmp_path):
     cluster.stop()  # idempotent
 
 
-def pings(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
