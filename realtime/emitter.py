@@ -20,7 +20,12 @@ from .channels import validate_channel
 from .control import encode_control
 from .errors import BadRequest
 from .payloads import check_publication_data
-from .redis_support import CONTROL_CHANNEL, create_client, translate_redis_errors
+from .redis_support import (
+    CONTROL_CHANNEL,
+    RedisPyScriptRunner,
+    create_client,
+    translate_redis_errors,
+)
 
 
 class Emitter:
@@ -36,7 +41,7 @@ class Emitter:
                  max_message_size: int = 64 * 1024, timeout: float = 5.0,
                  pool_size: int = 8) -> None:
         self._client = create_client(url, pool_size=pool_size, timeout=timeout)
-        self._streams = RedisStreams(self._client)
+        self._streams = RedisStreams(RedisPyScriptRunner(self._client))
         self._history = HistoryOptions(size=history_size, ttl=history_ttl)
         self._max_message_size = max_message_size
         self._sender = "emitter-" + secrets.token_hex(4)

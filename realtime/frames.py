@@ -46,24 +46,18 @@ class EncodedEvent:
 
     ``encode()`` gives the Socket.IO packet text (python-socketio's packet interface, so the
     Engine.IO transport can queue it as is); ``websocket_frame`` the complete WebSocket frame,
-    built on first use and then shared by every WebSocket recipient.
+    shared by every WebSocket recipient. Both are built here, once per publication per node, so
+    that the per-recipient fan-out only reads an attribute.
     """
 
-    __slots__ = ("_text", "_websocket_frame")
+    __slots__ = ("_text", "websocket_frame")
 
     def __init__(self, event: str, payload: Any) -> None:
         self._text = SIO_EVENT + dumps([event, payload])
-        self._websocket_frame: bytes | None = None
+        self.websocket_frame = socketio_text_frame(self._text)
 
     def encode(self) -> str:
         return self._text
-
-    @property
-    def websocket_frame(self) -> bytes:
-        frame = self._websocket_frame
-        if frame is None:
-            frame = self._websocket_frame = socketio_text_frame(self._text)
-        return frame
 
     @property
     def events(self) -> tuple[EncodedEvent, ...]:
@@ -77,18 +71,11 @@ class EventBatch:
     WebSocket frame, as the protocol wants), joined once for all recipients.
     """
 
-    __slots__ = ("events", "_websocket_frame")
+    __slots__ = ("events", "websocket_frame")
 
     def __init__(self, events: list[EncodedEvent]) -> None:
         self.events = events
-        self._websocket_frame: bytes | None = None
-
-    @property
-    def websocket_frame(self) -> bytes:
-        frame = self._websocket_frame
-        if frame is None:
-            frame = self._websocket_frame = b"".join(e.websocket_frame for e in self.events)
-        return frame
+        self.websocket_frame = b"".join(event.websocket_frame for event in events)
 
 
 def new_session_id(node_id: str) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import redis
 from redis.backoff import NoBackoff
@@ -66,3 +68,36 @@ def translate_redis_errors(what: str) -> Iterator[None]:
     except (redis.RedisError, OSError, ValueError) as exc:
         logger.warning("redis %s failed: %s", what, exc)
         raise Unavailable(f"the message store is unavailable ({type(exc).__name__})") from exc
+
+
+class LuaScript:
+    """A Lua script run by its SHA1 (``EVALSHA``), loaded with ``EVAL`` when Redis lacks it."""
+
+    __slots__ = ("source", "sha")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+class ScriptRunner(Protocol):
+    """Something that runs :class:`LuaScript`s: a :class:`CommandPipe` or redis-py."""
+
+    def run_script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run ``script``; raises ``redis.RedisError`` (or ``OSError``) when it cannot."""
+        ...
+
+
+class RedisPyScriptRunner:
+    """:class:`ScriptRunner` over a redis-py client, for processes without gevent (emitter)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._scripts: dict[str, Any] = {}
+
+    def run_script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        registered = self._scripts.get(script.sha)
+        if registered is None:
+            registered = self._scripts[script.sha] = self._client.register_script(
+                script.source)
+        return registered(keys=keys, args=args)

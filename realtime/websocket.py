@@ -282,7 +282,21 @@ class WebSocketConnection(Connection):
     # -- writing (the hot path) --------------------------------------------------------------
 
     def send(self, frame: EncodedEvent | EventBatch) -> None:
-        self.write(frame.websocket_frame)
+        # The fan-out calls this once per recipient: the common case (nothing queued, the
+        # kernel takes the frame) is one C call with no further Python frames.
+        data = frame.websocket_frame
+        if self.outbuf is not None or self.closed:
+            self.write(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close("transport error")
+            return
+        if sent != len(data):
+            self._queue_rest(data, sent)
 
     def write(self, data: bytes) -> None:
         """Write ``data`` now if the socket takes it, else queue it behind what waits."""
@@ -297,11 +311,15 @@ class WebSocketConnection(Connection):
             return
         sent = self._send_now(data)
         if sent is not None and sent < len(data):
-            self.outbuf = [data[sent:]]
-            self.outsize = len(data) - sent
-            if self.writer is None:
-                self.writer = gevent.get_hub().loop.io(self.sock.fileno(), _WRITE)
-            self.writer.start(self._flush)
+            self._queue_rest(data, sent)
+
+    def _queue_rest(self, data: bytes, sent: int) -> None:
+        """Keep what the kernel did not take and flush it when the socket is writable."""
+        self.outbuf = [data[sent:]]
+        self.outsize = len(data) - sent
+        if self.writer is None:
+            self.writer = gevent.get_hub().loop.io(self.sock.fileno(), _WRITE)
+        self.writer.start(self._flush)
 
     def _flush(self) -> None:
         """Write watcher: send everything queued in one call (coalescing the frames)."""

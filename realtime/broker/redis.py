@@ -6,22 +6,22 @@ import collections
 import contextlib
 import logging
 import random
-import time
 from typing import Any
 
 import gevent
 import gevent.event
 import gevent.lock
+import hiredis
 import redis
 
 from ..errors import Unavailable
 from ..redis_support import (
     CONTROL_CHANNEL,
     PUBSUB_CHANNEL_PREFIX,
-    create_client,
     pubsub_channel,
     translate_redis_errors,
 )
+from ..redis_wire import RECV_SIZE, CommandPipe, open_connection, pack_command
 from .base import (
     Broker,
     BrokerEventHandler,
@@ -37,18 +37,20 @@ logger = logging.getLogger(__name__)
 PING_INTERVAL = 5.0
 MAX_BACKOFF = 5.0
 CONTROL_KEY = CONTROL_CHANNEL.encode()
-MAX_BATCH = 512
 
 
 class RedisBroker(Broker):
     """:class:`Broker` over Redis, for any number of nodes sharing one Redis.
 
-    * Publishing runs one Lua script (see :mod:`.redis_streams`) on a pooled connection: the
-      append to history, the offset and the PUBLISH are one atomic step.
+    * Publishing runs one Lua script (see :mod:`.redis_streams`): the append to history, the
+      offset and the PUBLISH are one atomic step. Commands of all greenlets share one
+      pipelined connection (:class:`~realtime.redis_wire.CommandPipe`), so publishes that
+      arrive together cost Redis one read and the node one write.
     * Each node holds one pub/sub connection subscribed to the control channel and to exactly
       the channels it has local subscribers for, so a node receives one Redis message per
       publication on those channels and nothing else. One greenlet reads it and calls the
-      handler in the order Redis delivers, which is offset order per channel.
+      handler in the order Redis delivers, which is offset order per channel; everything one
+      ``recv`` brought is handed over as one batch.
     * ``subscribe`` returns once Redis has confirmed the subscription: every publication
       after that reaches this node.
     * Redis down: calls raise :class:`~realtime.errors.Unavailable` within the socket timeout;
@@ -57,11 +59,11 @@ class RedisBroker(Broker):
       are in history, for clients to recover).
     """
 
-    def __init__(self, url: str, *, pool_size: int = 64, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
         self._url = url
         self._timeout = timeout
-        self._client = create_client(url, pool_size=pool_size, timeout=timeout)
-        self._streams = RedisStreams(self._client)
+        self._pipe = CommandPipe(url, timeout=timeout)
+        self._streams = RedisStreams(self._pipe)
         self._handler: BrokerEventHandler | None = None
         # pub/sub channel -> set once Redis confirmed it on the current connection
         self._wanted: dict[bytes, gevent.event.Event] = {}
@@ -69,7 +71,7 @@ class RedisBroker(Broker):
         # Counted apart from _wanted: after subscribe, unsubscribe and subscribe again, the
         # first answer must not pass for the second one.
         self._unanswered: collections.Counter[bytes] = collections.Counter()
-        self._pubsub: Any = None
+        self._subscriber: Any = None  # the pub/sub socket
         self._connected = gevent.event.Event()
         self._send_lock = gevent.lock.Semaphore()
         self._reader: gevent.Greenlet | None = None
@@ -89,9 +91,8 @@ class RedisBroker(Broker):
         self._running = False
         if self._reader is not None:
             self._reader.kill()
-        self._close_pubsub()
-        self._client.close()
-        self._client.connection_pool.disconnect()
+        self._close_subscriber()
+        self._pipe.close()
 
     def is_healthy(self) -> bool:
         return self._running and self._connected.is_set()
@@ -113,7 +114,7 @@ class RedisBroker(Broker):
 
     def _publish_raw(self, redis_channel: str, payload: bytes) -> None:
         with translate_redis_errors("publish"):
-            self._client.publish(redis_channel, payload)
+            self._pipe.call("PUBLISH", redis_channel, payload)
 
     def history(self, channel: str, *, since_offset: int | None = None,
                 limit: int | None = None, options: HistoryOptions) -> HistoryResult:
@@ -143,10 +144,10 @@ class RedisBroker(Broker):
 
     def _send(self, command: str, *channels: bytes) -> None:
         with self._send_lock, translate_redis_errors(command.lower()):
-            pubsub = self._pubsub
-            if pubsub is None:
+            subscriber = self._subscriber
+            if subscriber is None:
                 raise redis.ConnectionError("no subscriber connection")
-            pubsub.execute_command(command, *channels)
+            subscriber.sendall(pack_command((command, *channels)))
 
     # -- the reader --------------------------------------------------------------------------
 
@@ -166,48 +167,47 @@ class RedisBroker(Broker):
                 else:
                     logger.exception("redis subscriber failed")
             self._connected.clear()
-            self._close_pubsub()
+            self._close_subscriber()
             gevent.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, MAX_BACKOFF)
 
     def _connect(self) -> None:
         """Open a subscriber connection and subscribe to control and every wanted channel."""
-        pubsub = self._client.pubsub()
+        subscriber = open_connection(self._url, self._timeout)
         channels = [CONTROL_KEY, *self._wanted]
         self._unanswered = collections.Counter(list(self._wanted))  # one SUBSCRIBE each
         for confirmed in self._wanted.values():
             confirmed.clear()
         with self._send_lock:
-            self._pubsub = pubsub
-            pubsub.execute_command("SUBSCRIBE", *channels)
+            self._subscriber = subscriber
+            subscriber.sendall(pack_command(("SUBSCRIBE", *channels)))
         logger.info("subscribed to redis at %s (%d channels)", self._url, len(channels))
 
     def _read(self) -> None:
-        pubsub = self._pubsub
-        last_heard = time.monotonic()
+        subscriber = self._subscriber
+        subscriber.settimeout(PING_INTERVAL)
+        reader = hiredis.Reader()
         ping_sent = False
         while self._running:
-            # Raw replies: redis-py's get_message() keeps its own idea of what is subscribed,
-            # which we bypass to own resubscription.
-            response = pubsub.parse_response(block=False, timeout=1.0)
-            now = time.monotonic()
-            if response is None:
-                if ping_sent and now - last_heard > PING_INTERVAL + self._timeout:
-                    raise redis.TimeoutError("no answer to PING on the subscriber connection")
-                if not ping_sent and now - last_heard > PING_INTERVAL:
-                    self._send("PING")
-                    ping_sent = True
+            try:
+                data = subscriber.recv(RECV_SIZE)
+            except TimeoutError:
+                if ping_sent:
+                    raise redis.TimeoutError(
+                        "no answer to PING on the subscriber connection") from None
+                self._send("PING")
+                ping_sent = True
                 continue
-            last_heard, ping_sent = now, False
-            # Take everything that has already arrived, so that publications that piled up
-            # while the last batch was fanned out leave together (see on_publications).
+            if not data:
+                raise redis.ConnectionError("redis closed the subscriber connection")
+            ping_sent = False
+            reader.feed(data)
+            # Everything this recv brought leaves as one batch, so publications that piled
+            # up while the last batch was fanned out leave together (see on_publications).
             batch: list[Publication] = []
-            for _ in range(MAX_BATCH):
+            while (response := reader.gets()) is not False:
                 if isinstance(response, list) and len(response) == 3:
                     self._dispatch(response[0], response[1], response[2], batch)
-                if not pubsub.connection.can_read(timeout=0):
-                    break
-                response = pubsub.parse_response(block=False, timeout=0)
             if batch:
                 self._handler.on_publications(batch)
 
@@ -252,10 +252,7 @@ class RedisBroker(Broker):
         else:
             self._handler.on_leave(channel, value)
 
-    def _close_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            try:
-                pubsub.reset()
-            except Exception:
-                logger.debug("closing the subscriber connection failed", exc_info=True)
+    def _close_subscriber(self) -> None:
+        subscriber, self._subscriber = self._subscriber, None
+        if subscriber is not None:
+            subscriber.close()

@@ -16,10 +16,15 @@ import secrets
 from typing import Any
 
 import msgpack
-import redis
 
 from ..errors import BadRequest
-from ..redis_support import pubsub_channel, stream_keys, translate_redis_errors
+from ..redis_support import (
+    LuaScript,
+    ScriptRunner,
+    pubsub_channel,
+    stream_keys,
+    translate_redis_errors,
+)
 from .base import HistoryOptions, HistoryResult, Publication, StreamPosition
 
 WIRE_VERSION = 1
@@ -28,7 +33,7 @@ WIRE_VERSION = 1
 # the publisher packs once: the script never decodes it.
 #   history entry:        [offset, expires_at_ms] body
 #   publication message:  [WIRE_VERSION, "p", offset] body
-PUBLISH_SCRIPT = """
+PUBLISH_SCRIPT = LuaScript("""
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 if redis.call('HSETNX', KEYS[2], 'e', ARGV[5]) == 1 then
@@ -44,10 +49,10 @@ redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 redis.call('PUBLISH', ARGV[6], cmsgpack.pack({tonumber(ARGV[7]), 'p', offset}) .. ARGV[1])
 return {epoch, offset}
-"""
+""")
 
 # Returns {epoch, offset, now_ms, entries (newest first)}; creates the stream when missing.
-HISTORY_SCRIPT = """
+HISTORY_SCRIPT = LuaScript("""
 if redis.call('HSETNX', KEYS[2], 'e', ARGV[1]) == 1 then
   redis.call('HSET', KEYS[2], 'o', 0)
   redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -64,7 +69,7 @@ end
 local now = redis.call('TIME')
 return {meta[1], tonumber(meta[2]), tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
         entries}
-"""
+""")
 
 
 class WireFormatError(ValueError):
@@ -121,31 +126,29 @@ def decode_message(channel: str, blob: bytes) -> tuple[str, Any]:
 
 
 class RedisStreams:
-    """Publishing into and reading channel streams; safe to share between greenlets/threads."""
+    """Publishing into and reading channel streams, through any :class:`ScriptRunner`."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._client = client
-        self._publish = client.register_script(PUBLISH_SCRIPT)
-        self._history = client.register_script(HISTORY_SCRIPT)
+    def __init__(self, scripts: ScriptRunner) -> None:
+        self._scripts = scripts
 
     def publish(self, channel: str, data: Any, user: str | None,
                 options: HistoryOptions) -> StreamPosition:
         body = pack_body(data, user)
         with translate_redis_errors("publish"):
-            epoch, offset = self._publish(
-                keys=stream_keys(channel),
-                args=[body, options.size, max(1, int(options.ttl * 1000)),
-                      max(1, int(options.meta_ttl)), _new_epoch(), pubsub_channel(channel),
-                      WIRE_VERSION])
+            epoch, offset = self._scripts.run_script(
+                PUBLISH_SCRIPT, stream_keys(channel),
+                [body, options.size, max(1, int(options.ttl * 1000)),
+                 max(1, int(options.meta_ttl)), _new_epoch(), pubsub_channel(channel),
+                 WIRE_VERSION])
         return StreamPosition(epoch.decode(), int(offset))
 
     def history(self, channel: str, *, since_offset: int | None, limit: int | None,
                 options: HistoryOptions) -> HistoryResult:
         count = -1 if since_offset is not None or limit is None else limit
         with translate_redis_errors("history"):
-            epoch, offset, now_ms, entries = self._history(
-                keys=stream_keys(channel),
-                args=[_new_epoch(), max(1, int(options.meta_ttl)), count])
+            epoch, offset, now_ms, entries = self._scripts.run_script(
+                HISTORY_SCRIPT, stream_keys(channel),
+                [_new_epoch(), max(1, int(options.meta_ttl)), count])
         publications = []
         for entry in reversed(entries):
             (entry_offset, expires_at), (data, user) = _unpack_two(entry)

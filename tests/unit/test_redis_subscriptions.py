@@ -1,6 +1,7 @@
 """The Redis broker's subscription bookkeeping, driven without a Redis (no I/O happens)."""
 
 import gevent
+import hiredis
 import pytest
 
 from realtime.broker.redis import RedisBroker
@@ -8,18 +9,23 @@ from realtime.errors import Unavailable
 from realtime.redis_support import pubsub_channel
 
 
-class RecordingPubSub:
+class RecordingSocket:
+    """Stands in for the subscriber socket: decodes the commands written to it."""
+
     def __init__(self):
+        self._reader = hiredis.Reader()
         self.commands = []
 
-    def execute_command(self, *args):
-        self.commands.append(args)
+    def sendall(self, data):
+        self._reader.feed(data)
+        while (command := self._reader.gets()) is not False:
+            self.commands.append(tuple(command))
 
 
 @pytest.fixture
 def broker():
     broker = RedisBroker("redis://127.0.0.1:1/0", timeout=0.2)  # never connected
-    broker._pubsub = RecordingPubSub()
+    broker._subscriber = RecordingSocket()
     broker._connected.set()
     return broker
 
@@ -34,7 +40,7 @@ def test_subscribe_returns_once_redis_confirms(broker):
     assert not waiter.ready()
     answer_subscribe(broker, "c")
     waiter.get(timeout=1)
-    assert broker._pubsub.commands == [("SUBSCRIBE", pubsub_channel("c").encode())]
+    assert broker._subscriber.commands == [(b"SUBSCRIBE", pubsub_channel("c").encode())]
 
 
 def test_a_late_answer_to_an_abandoned_subscribe_does_not_confirm_the_next_one(broker):
@@ -49,5 +55,5 @@ def test_a_late_answer_to_an_abandoned_subscribe_does_not_confirm_the_next_one(b
     answer_subscribe(broker, "c")
     waiter.get(timeout=1)
     key = pubsub_channel("c").encode()
-    assert broker._pubsub.commands == [("SUBSCRIBE", key), ("UNSUBSCRIBE", key),
-                                       ("SUBSCRIBE", key)]
+    assert broker._subscriber.commands == [(b"SUBSCRIBE", key), (b"UNSUBSCRIBE", key),
+                                           (b"SUBSCRIBE", key)]

@@ -1,0 +1,219 @@
+"""Redis on the node's hot paths, without redis-py's per-command overhead.
+
+redis-py checks every pooled connection for stray data with a zero-timeout ``poll`` before each
+command and parses replies through several Python layers; under gevent each such ``poll``
+creates and destroys event-loop watchers. A node publishes and reads pub/sub messages for every
+publication, so it talks to Redis through this module instead:
+
+* :class:`CommandPipe` multiplexes the commands of every greenlet over one connection with
+  automatic pipelining: whatever the greenlets ask for while the writer waits for its turn
+  leaves in one ``send``, and one ``recv`` brings many replies back (parsed by hiredis in C).
+* :func:`open_connection` is the handshake both the pipe and the pub/sub reader use.
+
+Commands are sent in call order on one connection, so two commands issued one after the other
+by any greenlets reach Redis in that order: the per-channel ordering of publications holds.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.socket
+import hiredis
+import redis
+
+from .redis_support import LuaScript
+
+logger = logging.getLogger(__name__)
+
+RECV_SIZE = 1 << 16
+
+pack_command = hiredis.pack_command
+
+
+def open_connection(url: str, timeout: float) -> gevent.socket.socket:
+    """A connected, authenticated socket to the Redis of ``redis://[user:password@]host:port/db``.
+
+    Raises ``redis.ConnectionError`` when Redis cannot be reached or refuses the handshake
+    within ``timeout`` seconds.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "localhost", parts.port or 6379
+    db = int(parts.path.lstrip("/") or 0)
+    try:
+        sock = gevent.socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise redis.ConnectionError(f"cannot connect to redis at {host}:{port}: {exc}") from exc
+    try:
+        sock.setsockopt(gevent.socket.IPPROTO_TCP, gevent.socket.TCP_NODELAY, 1)
+        handshake = []
+        if parts.password is not None:
+            handshake.append(("AUTH", unquote(parts.username), unquote(parts.password))
+                             if parts.username else ("AUTH", unquote(parts.password)))
+        if db:
+            handshake.append(("SELECT", db))
+        if handshake:
+            sock.sendall(b"".join(pack_command(command) for command in handshake))
+            reader = hiredis.Reader()
+            for _ in handshake:
+                reply = _read_reply(sock, reader)
+                if isinstance(reply, hiredis.ReplyError):
+                    raise redis.ConnectionError(f"redis refused the handshake: {reply}")
+    except (OSError, redis.ConnectionError) as exc:
+        sock.close()
+        if isinstance(exc, redis.ConnectionError):
+            raise
+        raise redis.ConnectionError(f"redis handshake failed: {exc}") from exc
+    return sock
+
+
+def _read_reply(sock: gevent.socket.socket, reader: hiredis.Reader) -> Any:
+    while True:
+        reply = reader.gets()
+        if reply is not False:
+            return reply
+        data = sock.recv(RECV_SIZE)
+        if not data:
+            raise redis.ConnectionError("redis closed the connection")
+        reader.feed(data)
+
+
+class CommandPipe:
+    """Commands from many greenlets over one Redis connection, pipelined automatically.
+
+    * :meth:`call` returns the reply, raises ``redis.ResponseError`` for an error reply and
+      ``redis.ConnectionError`` / ``redis.TimeoutError`` when Redis is down or does not answer
+      within ``timeout``; nothing is retried (the caller decides).
+    * Commands leave in call order; one writer greenlet sends everything queued since its last
+      send in one ``sendall``, one reader greenlet hands replies back in the same order.
+    * A lost or timed-out connection fails every command waiting on it; the next call opens
+      a new connection.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._connect_lock = gevent.lock.Semaphore()
+        self._connection: _PipeConnection | None = None
+        self._closed = False
+
+    def call(self, *args: Any) -> Any:
+        connection = self._connection
+        if connection is None or connection.broken:
+            connection = self._connect()
+        reply = connection.submit(pack_command(args))
+        try:
+            value = reply.get(timeout=self._timeout)
+        except gevent.Timeout:
+            connection.fail(redis.TimeoutError(
+                f"redis did not answer within {self._timeout:g}s"))
+            raise redis.TimeoutError(f"redis did not answer within {self._timeout:g}s") from None
+        if isinstance(value, hiredis.ReplyError):
+            raise redis.ResponseError(str(value))
+        return value
+
+    def run_script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return self.call("EVAL", script.source, len(keys), *keys, *args)
+
+    def close(self) -> None:
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.fail(redis.ConnectionError("the command pipe was closed"))
+
+    def _connect(self) -> _PipeConnection:
+        with self._connect_lock:
+            if self._closed:
+                raise redis.ConnectionError("the command pipe was closed")
+            connection = self._connection
+            if connection is None or connection.broken:
+                connection = self._connection = _PipeConnection(
+                    open_connection(self._url, self._timeout))
+            return connection
+
+
+class _PipeConnection:
+    """One socket of a :class:`CommandPipe`, with its writer and reader greenlets."""
+
+    def __init__(self, sock: gevent.socket.socket) -> None:
+        sock.settimeout(None)
+        self.sock = sock
+        self.broken = False
+        self._outgoing: list[bytes] = []
+        self._waiting: collections.deque[gevent.event.AsyncResult] = collections.deque()
+        self._wake_writer = gevent.event.Event()
+        self._writer = gevent.spawn(self._write_forever)
+        self._reader = gevent.spawn(self._read_forever)
+
+    def submit(self, command: bytes) -> gevent.event.AsyncResult:
+        if self.broken:
+            raise redis.ConnectionError("the redis connection broke")
+        reply = gevent.event.AsyncResult()
+        self._waiting.append(reply)
+        self._outgoing.append(command)
+        if len(self._outgoing) == 1:
+            self._wake_writer.set()
+        return reply
+
+    def fail(self, exc: Exception) -> None:
+        """Close the connection and fail every command still waiting on it with ``exc``."""
+        if self.broken:
+            return
+        self.broken = True
+        self._outgoing.clear()
+        waiting, self._waiting = self._waiting, collections.deque()
+        for reply in waiting:
+            reply.set_exception(exc)
+        self.sock.close()
+        current = gevent.getcurrent()
+        for greenlet in (self._writer, self._reader):
+            if greenlet is not current:
+                greenlet.kill(block=False)
+
+    def _write_forever(self) -> None:
+        try:
+            while not self.broken:
+                self._wake_writer.wait()
+                self._wake_writer.clear()
+                if not self._outgoing:
+                    continue
+                data = b"".join(self._outgoing)
+                self._outgoing.clear()
+                self.sock.sendall(data)
+        except OSError as exc:
+            self.fail(redis.ConnectionError(f"writing to redis failed: {exc}"))
+        except Exception as exc:
+            logger.exception("the redis command writer failed")
+            self.fail(redis.ConnectionError(f"writing to redis failed: {exc}"))
+
+    def _read_forever(self) -> None:
+        reader = hiredis.Reader()
+        try:
+            while not self.broken:
+                data = self.sock.recv(RECV_SIZE)
+                if not data:
+                    raise redis.ConnectionError("redis closed the connection")
+                reader.feed(data)
+                while (reply := reader.gets()) is not False:
+                    if not self._waiting:
+                        raise redis.ConnectionError("redis sent a reply nobody asked for")
+                    self._waiting.popleft().set(reply)
+        except redis.ConnectionError as exc:
+            self.fail(exc)
+        except OSError as exc:
+            self.fail(redis.ConnectionError(f"reading from redis failed: {exc}"))
+        except Exception as exc:
+            logger.exception("the redis reply reader failed")
+            self.fail(redis.ConnectionError(f"reading from redis failed: {exc}"))
