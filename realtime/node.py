@@ -12,6 +12,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import gevent
@@ -194,6 +195,28 @@ class Node:
         """Publish ``data`` (any JSON value) on ``channel`` as ``user`` (None: a backend)."""
         self.check_data_size(data)
         return self.broker.publish(channel, data, user=user, history=self.history_options)
+
+    def publish_many(self, items: Sequence[tuple[str, Any, str | None]],
+                     ) -> list[StreamPosition | RealtimeError]:
+        """Publish ``(channel, data, user)`` items in order with one round trip to the broker.
+
+        Each item gets its position or the error that refused it (see ``Broker.publish_many``).
+        """
+        results: list[StreamPosition | RealtimeError | None] = [None] * len(items)
+        accepted, slots = [], []
+        for index, item in enumerate(items):
+            try:
+                self.check_data_size(item[1])
+            except RealtimeError as exc:
+                results[index] = exc
+                continue
+            accepted.append(item)
+            slots.append(index)
+        if accepted:
+            published = self.broker.publish_many(accepted, history=self.history_options)
+            for index, result in zip(slots, published, strict=True):
+                results[index] = result
+        return results  # type: ignore[return-value]  # every slot is filled by now
 
     def broadcast(self, channels: list[str], data: Any) -> list[tuple[str, StreamPosition]]:
         """Publish the same ``data`` on each channel, in order; stops at the first failure."""

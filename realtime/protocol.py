@@ -59,12 +59,48 @@ class ClientProtocol:
                 raise BadRequest("the event takes one object argument")
             return {"ok": True, **handler(connection, args[0])}
         except RealtimeError as exc:
-            logger.info("%s from %s refused: %s %s", str(event)[:50], connection, exc.code,
-                        exc.message)
-            return error_ack(exc)
+            return self._refused(event, connection, exc)
         except Exception:
             logger.exception("%s from %s failed", str(event)[:50], connection)
             return error_ack(InternalError())
+
+    def handle_publishes(self, connection: Connection, events_args: list[tuple | list],
+                         ) -> list[Ack]:
+        """Answer a run of ``publish`` events (their arguments) from one connection, in order.
+
+        The same answers as :meth:`handle` gives each event, but the publications go to the
+        broker together, so a client publishing faster than the round trip to the broker is
+        not held to one publication per round trip.
+        """
+        answers: list[Ack | None] = [None] * len(events_args)
+        accepted, slots = [], []
+        for index, args in enumerate(events_args):
+            try:
+                if len(args) != 1 or not isinstance(args[0], dict):
+                    raise BadRequest("the event takes one object argument")
+                channel, data = self._publication(connection, args[0])
+            except RealtimeError as exc:
+                answers[index] = self._refused("publish", connection, exc)
+                continue
+            accepted.append((channel, data, connection.user))
+            slots.append(index)
+        if accepted:
+            try:
+                results = self.node.publish_many(accepted)
+            except Exception:
+                logger.exception("publish from %s failed", connection)
+                results = [InternalError()] * len(accepted)
+            for index, result in zip(slots, results, strict=True):
+                answers[index] = (self._refused("publish", connection, result)
+                                  if isinstance(result, RealtimeError)
+                                  else {"ok": True, "offset": result.offset,
+                                        "epoch": result.epoch})
+        return answers  # type: ignore[return-value]  # every slot is filled by now
+
+    def _refused(self, event: object, connection: Connection, exc: RealtimeError) -> Ack:
+        logger.info("%s from %s refused: %s %s", str(event)[:50], connection, exc.code,
+                    exc.message)
+        return error_ack(exc)
 
     def _subscribe(self, connection: Connection, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))
@@ -77,12 +113,17 @@ class ClientProtocol:
         return {}
 
     def _publish(self, connection: Connection, payload: dict) -> Ack:
+        channel, data = self._publication(connection, payload)
+        position = self.node.publish(channel, data, user=connection.user)
+        return {"offset": position.offset, "epoch": position.epoch}
+
+    def _publication(self, connection: Connection, payload: dict) -> tuple[str, Any]:
+        """The channel and data of a ``publish`` event, once parsed and authorised."""
         channel = validate_channel(payload.get("channel"))
         if "data" not in payload:
             raise BadRequest("data is required")
         self.policy.check_publish(connection.user, channel)
-        position = self.node.publish(channel, payload["data"], user=connection.user)
-        return {"offset": position.offset, "epoch": position.epoch}
+        return channel, payload["data"]
 
     def _history(self, connection: Connection, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))

@@ -87,6 +87,12 @@ class ScriptRunner(Protocol):
         """Run ``script``; raises ``redis.RedisError`` (or ``OSError``) when it cannot."""
         ...
 
+    def run_scripts(self, script: LuaScript,
+                    calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        """Run ``script`` once per ``(keys, args)``, in order; an error reply comes back as a
+        ``redis.ResponseError`` in its place, a lost connection raises."""
+        ...
+
 
 class RedisPyScriptRunner:
     """:class:`ScriptRunner` over a redis-py client, for processes without gevent (emitter)."""
@@ -101,3 +107,13 @@ class RedisPyScriptRunner:
             registered = self._scripts[script.sha] = self._client.register_script(
                 script.source)
         return registered(keys=keys, args=args)
+
+    def run_scripts(self, script: LuaScript,
+                    calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        results: list[Any] = []
+        for keys, args in calls:
+            try:
+                results.append(self.run_script(script, keys, args))
+            except redis.ResponseError as exc:
+                results.append(exc)
+        return results

@@ -6,8 +6,8 @@ creates and destroys event-loop watchers. A node publishes and reads pub/sub mes
 publication, so it talks to Redis through this module instead:
 
 * :class:`CommandPipe` multiplexes the commands of every greenlet over one connection with
-  automatic pipelining: whatever the greenlets ask for while the writer waits for its turn
-  leaves in one ``send``, and one ``recv`` brings many replies back (parsed by hiredis in C).
+  automatic pipelining: commands that come while a write is under way leave together in one
+  ``send``, and one ``recv`` brings many replies back (parsed by hiredis in C).
 * :func:`open_connection` is the handshake both the pipe and the pub/sub reader use.
 
 Commands are sent in call order on one connection, so two commands issued one after the other
@@ -28,6 +28,7 @@ import gevent.lock
 import gevent.socket
 import hiredis
 import redis
+from gevent import Timeout
 
 from .redis_support import LuaScript
 
@@ -91,8 +92,9 @@ class CommandPipe:
     * :meth:`call` returns the reply, raises ``redis.ResponseError`` for an error reply and
       ``redis.ConnectionError`` / ``redis.TimeoutError`` when Redis is down or does not answer
       within ``timeout``; nothing is retried (the caller decides).
-    * Commands leave in call order; one writer greenlet sends everything queued since its last
-      send in one ``sendall``, one reader greenlet hands replies back in the same order.
+    * Commands leave in call order: a command to an idle connection is written at once by its
+      caller, commands that come while a write is under way leave together in the next
+      ``sendall``; one reader greenlet hands replies back in the same order.
     * A lost or timed-out connection fails every command waiting on it; the next call opens
       a new connection.
     """
@@ -119,6 +121,35 @@ class CommandPipe:
             raise redis.ResponseError(str(value))
         return value
 
+    def call_many(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send ``commands`` in one write and return their replies in order.
+
+        An error reply is returned in its place as a ``redis.ResponseError`` (not raised); a
+        lost connection or a timeout raises, as in :meth:`call`.
+        """
+        if not commands:
+            return []
+        connection = self._connection
+        if connection is None or connection.broken:
+            connection = self._connect()
+        replies = connection.submit_many([pack_command(tuple(args)) for args in commands])
+        values = []
+        deadline = Timeout.start_new(self._timeout)
+        try:
+            for reply in replies:
+                value = reply.get()
+                values.append(redis.ResponseError(str(value))
+                              if isinstance(value, hiredis.ReplyError) else value)
+        except Timeout as exc:
+            if exc is not deadline:
+                raise
+            error = redis.TimeoutError(f"redis did not answer within {self._timeout:g}s")
+            connection.fail(error)
+            raise error from None
+        finally:
+            deadline.close()
+        return values
+
     def run_script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         try:
             return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -126,6 +157,24 @@ class CommandPipe:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         return self.call("EVAL", script.source, len(keys), *keys, *args)
+
+    def run_scripts(self, script: LuaScript,
+                    calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        """Run ``script`` once per ``(keys, args)``, pipelined; results as in :meth:`call_many`.
+
+        Calls that find the script missing (``NOSCRIPT``) are run again with ``EVAL``, one by
+        one, in order.
+        """
+        results = self.call_many(
+            [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls])
+        for index, result in enumerate(results):
+            if isinstance(result, redis.ResponseError) and str(result).startswith("NOSCRIPT"):
+                keys, args = calls[index]
+                try:
+                    results[index] = self.call("EVAL", script.source, len(keys), *keys, *args)
+                except redis.ResponseError as exc:
+                    results[index] = exc
+        return results
 
     def close(self) -> None:
         self._closed = True
@@ -145,27 +194,51 @@ class CommandPipe:
 
 
 class _PipeConnection:
-    """One socket of a :class:`CommandPipe`, with its writer and reader greenlets."""
+    """One socket of a :class:`CommandPipe`, with its reader greenlet.
+
+    The greenlet that submits a command to an idle connection writes it at once (a publish
+    must not wait for the event loop to come round to a writer); commands submitted while a
+    write is under way join the next ``sendall`` of the greenlet that is writing.
+    """
 
     def __init__(self, sock: gevent.socket.socket) -> None:
         sock.settimeout(None)
         self.sock = sock
         self.broken = False
         self._outgoing: list[bytes] = []
+        self._writing = False
         self._waiting: collections.deque[gevent.event.AsyncResult] = collections.deque()
-        self._wake_writer = gevent.event.Event()
-        self._writer = gevent.spawn(self._write_forever)
         self._reader = gevent.spawn(self._read_forever)
 
     def submit(self, command: bytes) -> gevent.event.AsyncResult:
+        return self.submit_many([command])[0]
+
+    def submit_many(self, commands: list[bytes]) -> list[gevent.event.AsyncResult]:
         if self.broken:
             raise redis.ConnectionError("the redis connection broke")
-        reply = gevent.event.AsyncResult()
-        self._waiting.append(reply)
-        self._outgoing.append(command)
-        if len(self._outgoing) == 1:
-            self._wake_writer.set()
-        return reply
+        replies = [gevent.event.AsyncResult() for _ in commands]
+        self._waiting.extend(replies)
+        self._outgoing.extend(commands)
+        if not self._writing:
+            self._write_out()
+        return replies
+
+    def _write_out(self) -> None:
+        self._writing = True
+        try:
+            while self._outgoing and not self.broken:
+                outgoing = self._outgoing
+                self._outgoing = []
+                self.sock.sendall(b"".join(outgoing) if len(outgoing) > 1 else outgoing[0])
+        except OSError as exc:
+            self.fail(redis.ConnectionError(f"writing to redis failed: {exc}"))
+        except BaseException:
+            # Interrupted part-way (a timeout or kill of the writing greenlet): what reached
+            # the socket may end mid-command, so the connection cannot be trusted any more.
+            self.fail(redis.ConnectionError("a write to redis was interrupted"))
+            raise
+        finally:
+            self._writing = False
 
     def fail(self, exc: Exception) -> None:
         """Close the connection and fail every command still waiting on it with ``exc``."""
@@ -177,26 +250,8 @@ class _PipeConnection:
         for reply in waiting:
             reply.set_exception(exc)
         self.sock.close()
-        current = gevent.getcurrent()
-        for greenlet in (self._writer, self._reader):
-            if greenlet is not current:
-                greenlet.kill(block=False)
-
-    def _write_forever(self) -> None:
-        try:
-            while not self.broken:
-                self._wake_writer.wait()
-                self._wake_writer.clear()
-                if not self._outgoing:
-                    continue
-                data = b"".join(self._outgoing)
-                self._outgoing.clear()
-                self.sock.sendall(data)
-        except OSError as exc:
-            self.fail(redis.ConnectionError(f"writing to redis failed: {exc}"))
-        except Exception as exc:
-            logger.exception("the redis command writer failed")
-            self.fail(redis.ConnectionError(f"writing to redis failed: {exc}"))
+        if self._reader is not gevent.getcurrent():
+            self._reader.kill(block=False)
 
     def _read_forever(self) -> None:
         reader = hiredis.Reader()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Protocol
+
+from ..errors import RealtimeError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,6 +123,23 @@ class Broker(abc.ABC):
     def publish(self, channel: str, data: Any, *, user: str | None,
                 history: HistoryOptions) -> StreamPosition:
         """Append ``data`` to ``channel``'s stream and fan it out; return its position."""
+
+    def publish_many(self, items: Sequence[tuple[str, Any, str | None]], *,
+                     history: HistoryOptions) -> list[StreamPosition | RealtimeError]:
+        """Publish ``(channel, data, user)`` items in order, as ``publish`` one after the other.
+
+        Each item gets its position or the error that refused it; one item's failure does not
+        stop the others (though an outage fails all that follow it). Offsets within a channel
+        follow the items' order. Implementations pipeline: a client that publishes faster than
+        the round trip to the store is not held to one publication per round trip.
+        """
+        results: list[StreamPosition | RealtimeError] = []
+        for channel, data, user in items:
+            try:
+                results.append(self.publish(channel, data, user=user, history=history))
+            except RealtimeError as exc:
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     def publish_join(self, channel: str, user: str) -> None:

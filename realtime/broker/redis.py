@@ -6,6 +6,7 @@ import collections
 import contextlib
 import logging
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import gevent
@@ -14,7 +15,7 @@ import gevent.lock
 import hiredis
 import redis
 
-from ..errors import Unavailable
+from ..errors import RealtimeError, Unavailable
 from ..redis_support import (
     CONTROL_CHANNEL,
     PUBSUB_CHANNEL_PREFIX,
@@ -102,6 +103,10 @@ class RedisBroker(Broker):
     def publish(self, channel: str, data: Any, *, user: str | None,
                 history: HistoryOptions) -> StreamPosition:
         return self._streams.publish(channel, data, user, history)
+
+    def publish_many(self, items: Sequence[tuple[str, Any, str | None]], *,
+                     history: HistoryOptions) -> list[StreamPosition | RealtimeError]:
+        return self._streams.publish_many(items, history)
 
     def publish_join(self, channel: str, user: str) -> None:
         self._publish_raw(pubsub_channel(channel), encode_presence_message("j", user))

@@ -122,6 +122,24 @@ class BrokerContract:
         assert received.offsets(channel) == list(range(1, 21))
         assert [p.data for p in received.publications] == list(range(20))
 
+    def test_publish_many_is_publish_one_after_the_other(self, broker_factory):
+        (publisher, _), (subscriber, received) = broker_factory(), broker_factory()
+        a, b = unique("a"), unique("b")
+        subscriber.subscribe(a)
+        subscriber.subscribe(b)
+        publisher.publish(a, "before", user=None, history=KEEP)
+        items = [(a, 0, "u"), (b, 1, None), (a, {"n": 2}, "v"), (a, [3], None)]
+        results = publisher.publish_many(items, history=KEEP)
+        assert [r.offset for r in results] == [2, 1, 3, 4]
+        assert results[0].epoch == results[2].epoch == results[3].epoch
+        wait_until(lambda: len(received.publications) == 5, message="5 publications")
+        assert [(p.channel, p.offset, p.data, p.user) for p in received.publications] == [
+            (a, 1, "before", None), (a, 2, 0, "u"), (b, 1, 1, None), (a, 3, {"n": 2}, "v"),
+            (a, 4, [3], None)]
+        assert [p.data for p in publisher.history(a, options=KEEP).publications] == [
+            "before", 0, {"n": 2}, [3]]
+        assert publisher.publish_many([], history=KEEP) == []
+
     def test_unsubscribed_channels_are_not_delivered(self, broker_factory):
         (publisher, _), (subscriber, received) = broker_factory(), broker_factory()
         wanted, other = unique("wanted"), unique("other")

@@ -164,6 +164,43 @@ def test_connect_subscribe_publish_and_ack_order(open_peer, realtime):
                                                        "data": "x", "user": None}]
 
 
+def test_publishes_queued_back_to_back_go_to_the_broker_together(open_peer, realtime,
+                                                                 monkeypatch):
+    broker = realtime.node.broker
+    runs = []
+    publish_many = broker.publish_many
+
+    def recording_publish_many(items, **kwargs):
+        runs.append([item[1] for item in items])
+        return publish_many(items, **kwargs)
+
+    monkeypatch.setattr(broker, "publish_many", recording_publish_many)
+    peer, _ = connected(open_peer)
+    events = [
+        '420["publish",{"channel":"c","data":0}]',
+        '421["publish",{"channel":"bad channel!","data":1}]',
+        '422["publish",{"channel":"c"}]',
+        '423["publish",{"channel":"c","data":3}]',
+        '424["publish"]',
+        '425["publish",{"channel":"c","data":5}]',
+        '426["history",{"channel":"c"}]',
+        '427["publish",{"channel":"c","data":7}]',
+        '428["publish",{"channel":"c","data":"' + "x" * 1200 + '"}]',
+    ]
+    peer.send(*(client_frame(event) for event in events))  # one write: all queue at once
+    acks = {}
+    while len(acks) < len(events):
+        text = peer.text()
+        ack_id, answer = int(text[2]), json.loads(text[3:])[0]
+        assert ack_id not in acks and ack_id == len(acks), "acks out of event order"
+        acks[ack_id] = answer
+    assert [acks[i].get("offset") for i in (0, 3, 5, 7)] == [1, 2, 3, 4]
+    assert [acks[i]["error"]["code"] for i in (1, 2, 4, 8)] == ["bad_request"] * 3 + [
+        "too_large"]
+    assert [p["data"] for p in acks[6]["publications"]] == [0, 3, 5]
+    assert runs[0] == [0, 3, 5], "the first run of publishes was not handed over together"
+
+
 def test_fragmented_messages_and_control_frames_in_between(open_peer):
     peer, _ = open_peer()
     peer.send(client_frame("4", final=False), client_frame(b"ping", opcode=0x9),
