@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ..redis_support import create_client, presence_keys, translate_redis_errors
+import redis
+
+from ..redis_support import LuaScript, presence_keys, translate_redis_errors
+from ..redis_wire import CommandPipe
 from .base import PresenceMember, PresenceStore
 
 # KEYS: entry expiries (zset client -> expires_at_ms), entry users (hash client -> user),
@@ -23,7 +26,7 @@ end
 """
 
 # ARGV: client, user, ttl_ms. Returns 1 when this is the user's first connection.
-ADD_SCRIPT = _EXPIRE_STALE + """
+ADD_SCRIPT = LuaScript(_EXPIRE_STALE + """
 local ttl_ms = tonumber(ARGV[3])
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now_ms + ttl_ms, ARGV[1])
@@ -34,10 +37,10 @@ if not known then
 end
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
 return first
-"""
+""")
 
 # ARGV: client. Returns 1 when the user has no connection left.
-REMOVE_SCRIPT = _EXPIRE_STALE + """
+REMOVE_SCRIPT = LuaScript(_EXPIRE_STALE + """
 local user = redis.call('HGET', KEYS[2], ARGV[1])
 if not user then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -47,10 +50,10 @@ if redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
   return 1
 end
 return 0
-"""
+""")
 
 # ARGV: ttl_ms, then client, user pairs: ADD_SCRIPT for many entries of one channel.
-REFRESH_SCRIPT = _EXPIRE_STALE + """
+REFRESH_SCRIPT = LuaScript(_EXPIRE_STALE + """
 local ttl_ms = tonumber(ARGV[1])
 for i = 2, #ARGV, 2 do
   if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
@@ -61,42 +64,39 @@ for i = 2, #ARGV, 2 do
 end
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
 return 0
-"""
+""")
 
-MEMBERS_SCRIPT = _EXPIRE_STALE + """
+MEMBERS_SCRIPT = LuaScript(_EXPIRE_STALE + """
 return redis.call('HGETALL', KEYS[3])
-"""
+""")
 
 
 class RedisPresenceStore(PresenceStore):
     """:class:`PresenceStore` in Redis; each call is one atomic Lua script.
 
     Entries live ``ttl`` seconds past their last add or refresh, measured on the Redis clock,
-    so a node killed without cleaning up drops out of presence within ``ttl``. Redis down:
-    :class:`~realtime.errors.Unavailable`.
+    so a node killed without cleaning up drops out of presence within ``ttl``. Calls of all
+    greenlets share one pipelined connection (:class:`~realtime.redis_wire.CommandPipe`).
+    Redis down: :class:`~realtime.errors.Unavailable` within ``timeout`` seconds.
     """
 
-    def __init__(self, url: str, *, ttl: float, pool_size: int = 64,
-                 timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, ttl: float, timeout: float = 5.0) -> None:
         self._ttl_ms = max(1, int(ttl * 1000))
-        self._client = create_client(url, pool_size=pool_size, timeout=timeout)
-        self._add = self._client.register_script(ADD_SCRIPT)
-        self._remove = self._client.register_script(REMOVE_SCRIPT)
-        self._members = self._client.register_script(MEMBERS_SCRIPT)
-        self._refresh = self._client.register_script(REFRESH_SCRIPT)
+        self._pipe = CommandPipe(url, timeout=timeout)
 
     def add(self, channel: str, client_id: str, user: str) -> bool:
         with translate_redis_errors("presence add"):
-            return self._add(keys=presence_keys(channel),
-                             args=[client_id, user, self._ttl_ms]) == 1
+            return self._pipe.run_script(ADD_SCRIPT, presence_keys(channel),
+                                         [client_id, user, self._ttl_ms]) == 1
 
     def remove(self, channel: str, client_id: str, user: str) -> bool:
         with translate_redis_errors("presence remove"):
-            return self._remove(keys=presence_keys(channel), args=[client_id]) == 1
+            return self._pipe.run_script(REMOVE_SCRIPT, presence_keys(channel),
+                                         [client_id]) == 1
 
     def members(self, channel: str) -> list[PresenceMember]:
         with translate_redis_errors("presence"):
-            flat = self._members(keys=presence_keys(channel))
+            flat = self._pipe.run_script(MEMBERS_SCRIPT, presence_keys(channel), [])
         counts = {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return [PresenceMember(user, counts[user]) for user in sorted(counts)]
 
@@ -107,12 +107,12 @@ class RedisPresenceStore(PresenceStore):
         for channel, client_id, user in entries:
             by_channel.setdefault(channel, []).extend((client_id, user))
         with translate_redis_errors("presence refresh"):
-            pipeline = self._client.pipeline(transaction=False)
-            for channel, pairs in by_channel.items():
-                self._refresh(keys=presence_keys(channel), args=[self._ttl_ms, *pairs],
-                              client=pipeline)
-            pipeline.execute()
+            results = self._pipe.run_scripts(
+                REFRESH_SCRIPT, [(presence_keys(channel), [self._ttl_ms, *pairs])
+                                 for channel, pairs in by_channel.items()])
+            for result in results:
+                if isinstance(result, redis.ResponseError):
+                    raise result
 
     def close(self) -> None:
-        self._client.close()
-        self._client.connection_pool.disconnect()
+        self._pipe.close()
