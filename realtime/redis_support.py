@@ -1,4 +1,5 @@
-"""What the Redis broker, the Redis presence store and the emitter share: clients, keys, errors."""
+"""What the Redis broker, the Redis presence store and the emitter share: keys, Lua scripts,
+errors, and the redis-py client of the emitter (nodes use :mod:`realtime.redis_wire`)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ PUBSUB_CHANNEL_PREFIX = pubsub_channel("").encode()
 
 def create_client(url: str, *, pool_size: int = DEFAULT_POOL_SIZE,
                   timeout: float = DEFAULT_TIMEOUT) -> redis.Redis:
-    """A Redis client for ``url`` whose calls fail fast instead of retrying in the background.
+    """A redis-py client for ``url`` whose calls fail fast instead of retrying in the background.
+
+    For processes without gevent (the emitter); nodes use :mod:`realtime.redis_wire`.
 
     The pool blocks (up to ``timeout``) when all ``pool_size`` connections are busy, rather
     than opening one connection per greenlet under load. redis-py picks the hiredis parser

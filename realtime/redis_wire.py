@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -35,6 +36,8 @@ from .redis_support import LuaScript
 logger = logging.getLogger(__name__)
 
 RECV_SIZE = 1 << 16
+# after a failed connection attempt, calls fail at once for this long (seconds)
+RECONNECT_INTERVAL = 0.5
 
 pack_command = hiredis.pack_command
 
@@ -96,7 +99,9 @@ class CommandPipe:
       caller, commands that come while a write is under way leave together in the next
       ``sendall``; one reader greenlet hands replies back in the same order.
     * A lost or timed-out connection fails every command waiting on it; the next call opens
-      a new connection.
+      a new connection. A failed attempt to connect makes calls fail at once for
+      ``RECONNECT_INTERVAL`` seconds, so that an unreachable Redis costs each call at most
+      ``timeout``, not a turn behind every other greenlet's attempt.
     """
 
     def __init__(self, url: str, *, timeout: float = 5.0) -> None:
@@ -105,6 +110,7 @@ class CommandPipe:
         self._connect_lock = gevent.lock.Semaphore()
         self._connection: _PipeConnection | None = None
         self._closed = False
+        self._last_failure = (-RECONNECT_INTERVAL, "")  # (monotonic time, message)
 
     def call(self, *args: Any) -> Any:
         connection = self._connection
@@ -183,14 +189,29 @@ class CommandPipe:
             connection.fail(redis.ConnectionError("the command pipe was closed"))
 
     def _connect(self) -> _PipeConnection:
-        with self._connect_lock:
+        # One greenlet connects while the others wait for it; after a failed attempt, calls
+        # fail at once for RECONNECT_INTERVAL instead of each waiting out its own attempt
+        # behind the lock (which, with Redis unreachable, would queue them up for minutes).
+        if not self._connect_lock.acquire(timeout=self._timeout):
+            raise redis.TimeoutError("timed out waiting for another greenlet to reach redis")
+        try:
             if self._closed:
                 raise redis.ConnectionError("the command pipe was closed")
             connection = self._connection
-            if connection is None or connection.broken:
-                connection = self._connection = _PipeConnection(
-                    open_connection(self._url, self._timeout))
+            if connection is not None and not connection.broken:
+                return connection
+            failed_at, failure = self._last_failure
+            if time.monotonic() - failed_at < RECONNECT_INTERVAL:
+                raise redis.ConnectionError(failure)
+            try:
+                sock = open_connection(self._url, self._timeout)
+            except redis.ConnectionError as exc:
+                self._last_failure = (time.monotonic(), str(exc))
+                raise
+            connection = self._connection = _PipeConnection(sock)
             return connection
+        finally:
+            self._connect_lock.release()
 
 
 class _PipeConnection:

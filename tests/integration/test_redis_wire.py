@@ -5,11 +5,12 @@ from __future__ import annotations
 import gevent
 import pytest
 import redis
+from gevent.server import StreamServer
 
 from realtime.redis_support import LuaScript
 from realtime.redis_wire import CommandPipe, open_connection
 from tests.contract.broker_contract import unique
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 
 @pytest.fixture
@@ -100,3 +101,35 @@ def test_the_url_selects_the_database_and_authenticates(redis_server, admin, mak
             open_connection(f"redis://{user}:wrong@127.0.0.1:{redis_server.port}/0", 1.0)
     finally:
         admin.execute_command("ACL", "DELUSER", user)
+
+
+def test_after_a_failed_connect_calls_fail_at_once_then_retry(make_pipe):
+    port = free_port()
+    pipe = make_pipe(f"redis://127.0.0.1:{port}/0", timeout=1.0)
+    with pytest.raises(redis.ConnectionError):
+        pipe.call("PING")
+
+    accepted = []
+
+    def answer_pong(sock, _address):
+        accepted.append(sock)
+        while sock.recv(1024):
+            sock.sendall(b"+PONG\r\n")
+
+    server = StreamServer(("127.0.0.1", port), answer_pong)
+    server.start()
+    try:
+        with pytest.raises(redis.ConnectionError):
+            pipe.call("PING")  # within RECONNECT_INTERVAL of the failure: no new attempt
+        assert accepted == []
+
+        def pong():
+            try:
+                return pipe.call("PING") == b"PONG"
+            except redis.ConnectionError:
+                return False
+
+        wait_until(pong, timeout=5, interval=0.05, message="the pipe to reconnect")
+        assert len(accepted) == 1
+    finally:
+        server.stop()
