@@ -71,6 +71,28 @@ def test_every_client_on_every_node_gets_every_publication_once_in_order(cluster
     assert from_n1 == list(range(per_publisher))
 
 
+def test_a_publisher_that_does_not_wait_for_acks_keeps_its_order(cluster, channel, clients):
+    """Publishes queued back to back go to Redis together (pipelined): same offsets, acks
+    and deliveries as one at a time."""
+    subscribers = [connect_client(cluster.node_urls[node], "websocket", f"fast-sub-{node}")
+                   for node in NODES]
+    clients += subscribers
+    for client in subscribers:
+        assert client.call("subscribe", {"channel": channel}, timeout=10)["ok"]
+    publisher = connect_client(cluster.node_urls["n1"], "websocket", "fast-pub")
+    clients.append(publisher)
+    total = 300
+    for i in range(total):
+        publisher.emit_recorded("publish", {"channel": channel, "data": i})
+    acks = wait_until(lambda: len(publisher.events("ack:publish")) == total
+                      and publisher.events("ack:publish"), timeout=20, message="every ack")
+    assert [ack.get("offset") for ack in acks] == list(range(1, total + 1)), acks[:3]
+    for client in subscribers:
+        messages = client.wait_messages(channel, total, timeout=20)
+        assert [(m["offset"], m["data"]) for m in messages] == [
+            (i + 1, i) for i in range(total)], node_of(client)
+
+
 def test_history_and_presence_are_the_same_from_every_node(cluster, channel, clients):
     for node in NODES:
         client = connect_client(cluster.node_urls[node], "websocket", f"user-{node}")
