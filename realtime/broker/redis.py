@@ -167,7 +167,8 @@ class RedisBroker(Broker):
             except Exception as exc:
                 if not self._running:
                     return
-                if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError
+                              | Unavailable):
                     logger.warning("redis subscriber connection lost: %s", exc)
                 else:
                     logger.exception("redis subscriber failed")
