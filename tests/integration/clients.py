@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import threading
+from pathlib import Path
 from typing import Any
 
 import engineio
@@ -63,3 +67,17 @@ def connect_client(url: str, transport: str, user: str | None = None,
     client.connect(url, transports=[transport], auth={"user": user} if user else None,
                    socketio_path=path, wait_timeout=10)
     return client
+
+
+OFFICIAL_CLIENT_SCRIPT = Path(__file__).with_name("official_client.js")
+OFFICIAL_CLIENT = Path(__file__).parents[2] / "static" / "node_modules" / "socket.io-client"
+
+
+def run_official_client(url: str, mode: str, channel: str, publishes: int) -> dict:
+    """Run official_client.js (the official socket.io-client); its JSON summary."""
+    # scripts/setup installs both; a machine without them must fail here, not skip quietly
+    assert shutil.which("node") and OFFICIAL_CLIENT.is_dir(), "node or socket.io-client is missing"
+    done = subprocess.run(["node", str(OFFICIAL_CLIENT_SCRIPT), url, mode, channel, str(publishes)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -13,7 +13,7 @@ import requests
 from realtime.cluster import LocalCluster
 from realtime.emitter import Emitter
 from tests.helpers import wait_until
-from tests.integration.clients import connect_client
+from tests.integration.clients import connect_client, run_official_client
 
 NODES = ("n1", "n2", "n3")
 
@@ -91,6 +91,15 @@ def test_a_publisher_that_does_not_wait_for_acks_keeps_its_order(cluster, channe
         messages = client.wait_messages(channel, total, timeout=20)
         assert [(m["offset"], m["data"]) for m in messages] == [
             (i + 1, i) for i in range(total)], node_of(client)
+
+
+def test_the_official_client_through_nginx_upgrades_from_polling(cluster, channel):
+    """The official client's default start (polling, then the upgrade) needs sticky routing."""
+    summary = run_official_client(cluster.url, "default", channel, 20)
+    assert summary["transport"] == "websocket"
+    assert [ack["offset"] for ack in summary["acks"]] == list(range(1, 21))
+    assert [m["offset"] for m in summary["messages"]] == list(range(1, 21))
+    assert summary["reason"] == "io client disconnect"
 
 
 def test_history_and_presence_are_the_same_from_every_node(cluster, channel, clients):
