@@ -540,12 +540,7 @@ class WebSocketConnection(Connection):
         self.write_packet(SIO_CONNECT + dumps({"sid": self.client_id}))
 
     def _handle_event(self, event: Any, args: list, ack_id: int | None) -> None:
-        answer = self.transport.protocol.handle(self, event, args)
-        if ack_id is not None:
-            self.write_packet(f"{SIO_ACK}{ack_id}" + dumps([answer]))
-        deferred, self.deferred = self.deferred, None
-        for callback in deferred or ():
-            callback()
+        self._answer([(ack_id, self.transport.protocol.handle(self, event, args))])
 
     def _handle_publishes(self, first: tuple) -> None:
         """Handle ``first`` and the publish events queued right behind it as one run.
@@ -558,7 +553,12 @@ class WebSocketConnection(Connection):
         while inbox and _is_publish(inbox[0]) and len(run) < MAX_PUBLISH_RUN:
             run.append(inbox.popleft())
         answers = self.transport.protocol.handle_publishes(self, [item[2] for item in run])
-        for (_, _, _, ack_id), answer in zip(run, answers, strict=True):
+        self._answer([(item[3], answer) for item, answer in zip(run, answers, strict=True)])
+
+    def _answer(self, acks: list[tuple[int | None, Any]]) -> None:
+        """Write the acks of handled events (those that asked for one), then what the node
+        deferred until after them (see after_reply)."""
+        for ack_id, answer in acks:
             if ack_id is not None:
                 self.write_packet(f"{SIO_ACK}{ack_id}" + dumps([answer]))
         deferred, self.deferred = self.deferred, None
@@ -567,7 +567,7 @@ class WebSocketConnection(Connection):
 
     def after_reply(self, callback: Callable[[], None]) -> None:
         # Called by the node while this connection's worker handles the event: the ack is
-        # written right after the handler returns, then these run (see _handle_event).
+        # written right after the handler returns, then these run (see _answer).
         if self.deferred is None:
             self.deferred = []
         self.deferred.append(callback)

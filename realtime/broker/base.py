@@ -130,8 +130,9 @@ class Broker(abc.ABC):
 
         Each item gets its position or the error that refused it; one item's failure does not
         stop the others (though an outage fails all that follow it). Offsets within a channel
-        follow the items' order. Implementations pipeline: a client that publishes faster than
-        the round trip to the store is not held to one publication per round trip.
+        follow the items' order. Brokers with a remote store send the items together, so a
+        client that publishes faster than the round trip to the store is not held to one
+        publication per round trip; this default publishes them one at a time.
         """
         results: list[StreamPosition | RealtimeError] = []
         for channel, data, user in items:
