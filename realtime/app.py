@@ -1,23 +1,26 @@
-"""The application factory: one Flask app with its Socket.IO server, node and HTTP API."""
+"""The application factory: a node's core, its Engine.IO server, and the Flask app around them.
+
+The WSGI application it builds sends ``/socket.io/`` to the Engine.IO server
+(:mod:`realtime.engineio`) and everything else (pages, HTTP API, health) to Flask.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from flask import Flask, abort, send_from_directory
-from flask_socketio import SocketIO
 
 from .backends import create_broker, create_presence_store
 from .channels import ChannelPolicy
 from .config import Config
+from .engineio import PATH as ENGINEIO_PATH
+from .engineio import EngineServer
 from .http_api import create_api_blueprint, register_error_handlers
 from .node import Node
 from .protocol import ClientProtocol
-from .socketio_edge import register_socketio_handlers
-from .transport import cap_packets_per_poll, guard_malformed_packets, prefix_session_ids
-from .websocket import WebSocketTransport
 
 logger = logging.getLogger(__name__)
 
@@ -25,60 +28,52 @@ logger = logging.getLogger(__name__)
 CLIENT_BUNDLE = Path("node_modules/socket.io-client/dist/socket.io.min.js")
 
 
+StartResponse = Callable[..., object]
+
+
 @dataclasses.dataclass
 class Realtime:
-    """What :func:`create_app` builds: call :meth:`start` before serving ``app``."""
+    """What :func:`create_app` builds: call :meth:`start` before serving :meth:`wsgi`."""
 
     app: Flask
-    socketio: SocketIO
+    engine: EngineServer
     node: Node
-    websocket: WebSocketTransport
     config: Config
 
     def start(self) -> None:
         self.node.start()
-        self.websocket.start()
+        self.engine.start()
 
     def stop(self) -> None:
-        self.websocket.stop()
+        self.engine.stop()
         self.node.stop()
+
+    def wsgi(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        """The node's WSGI application: Engine.IO under /socket.io/, Flask for the rest.
+
+        WebSocket upgrades need the raw socket, which WSGI does not give:
+        :class:`realtime.server.RealtimeHandler` hands them to ``engine`` before this runs.
+        """
+        if environ.get("PATH_INFO", "").rstrip("/") == ENGINEIO_PATH:
+            return self.engine.handle_http(environ, start_response)
+        return self.app(environ, start_response)
 
 
 def create_app(config: Config | None = None) -> Realtime:
-    """Build a node's Flask app, Socket.IO server and core from ``config``.
+    """Build a node's core, Engine.IO server and Flask app from ``config``.
 
-    Nothing is started: call ``start()`` before serving and ``stop()`` after. Direct WebSocket
-    connections reach ``websocket`` only through :func:`realtime.server.serve`'s handler.
+    Nothing is started: call ``start()`` before serving and ``stop()`` after.
     """
     config = config or Config.load()
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = 2 * config.max_message_size + config.frame_overhead
     app.json.sort_keys = False
-
-    socketio = SocketIO(
-        app,
-        async_mode="gevent",
-        # One greenlet per connection handles its events in order: a client's publishes keep
-        # their order, and subscribe acks precede the live messages (EngineIOConnection).
-        async_handlers=False,
-        manage_session=False,
-        cors_allowed_origins=config.cors_allowed_origins,
-        ping_interval=config.ping_interval,
-        ping_timeout=config.ping_timeout,
-        max_http_buffer_size=config.max_message_size + config.frame_overhead,
-        logger=False,
-        engineio_logger=False,
-    )
-    guard_malformed_packets(socketio.server)
-    cap_packets_per_poll(socketio.server)
-    prefix_session_ids(socketio.server, config.node_id)
     node = Node(config, create_broker(config), create_presence_store(config))
-    protocol = ClientProtocol(node, ChannelPolicy())
-    register_socketio_handlers(socketio, protocol)
+    engine = EngineServer(config, ClientProtocol(node, ChannelPolicy()))
     app.register_blueprint(create_api_blueprint(node))
     register_error_handlers(app)
     _register_pages(app, node, Path(config.static_dir))
-    return Realtime(app, socketio, node, WebSocketTransport(protocol, config), config)
+    return Realtime(app, engine, node, config)
 
 
 def _register_pages(app: Flask, node: Node, static_dir: Path) -> None:

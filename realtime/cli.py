@@ -195,6 +195,3 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # gevent-websocket logs one access line per HTTP request at INFO: far too chatty for
-    # long-polling clients.
-    logging.getLogger("geventwebsocket.handler").setLevel(logging.WARNING)

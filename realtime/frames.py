@@ -1,88 +1,88 @@
-"""Server→client events encoded once per node, in the forms each transport writes."""
+"""Server→client events encoded once per node, in the form each kind of session writes.
+
+A publication reaches sessions that differ in codec (JSON or msgpack) and in transport
+(WebSocket frames or long-polling records). :class:`EncodedEvent` builds each of those
+:data:`WIRE_FORMS` at most once, the first time a recipient needs it, and every later recipient
+of that form gets the same bytes: encoding costs once per codec per node, never per recipient.
+"""
 
 from __future__ import annotations
 
-import json
-import secrets
-import struct
+from collections.abc import Callable, Sequence
 from typing import Any
 
-# Engine.IO v4 packet types
-EIO_OPEN, EIO_CLOSE, EIO_PING, EIO_PONG, EIO_MESSAGE = "0", "1", "2", "3", "4"
-# Socket.IO v5 packet types
-SIO_CONNECT, SIO_DISCONNECT, SIO_EVENT, SIO_ACK = "0", "1", "2", "3"
-SIO_CONNECT_ERROR, SIO_BINARY_EVENT, SIO_BINARY_ACK = "4", "5", "6"
+from .codecs import CODECS, Codec
+from .transports import polling, websocket
 
-# WebSocket opcodes (RFC 6455)
-OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
-OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+EngineIOPacket = str | bytes
+Wire = Any  # what a transport's write() takes: bytes (WebSocket), tuple of records (polling)
 
-
-def dumps(value: Any) -> str:
-    """JSON exactly as python-socketio writes it: compact, ASCII-escaped."""
-    return json.dumps(value, separators=(",", ":"))
+# A transport kind's encoder: Engine.IO packets -> its wire form.
+TRANSPORT_ENCODERS: tuple[Callable[[Sequence[EngineIOPacket]], Wire], ...] = (
+    websocket.encode_packets,
+    polling.encode_packets,
+)
+WIRE_FORMS = len(CODECS) * len(TRANSPORT_ENCODERS)
 
 
-def websocket_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
-    """One final, unmasked server frame carrying ``payload``."""
-    length = len(payload)
-    first = 0x80 | opcode
-    if length < 126:
-        header = struct.pack("!BB", first, length)
-    elif length < 1 << 16:
-        header = struct.pack("!BBH", first, 126, length)
-    else:
-        header = struct.pack("!BBQ", first, 127, length)
-    return header + payload
+def wire_form(codec: Codec, transport_kind: int) -> int:
+    """The index of the wire form of sessions with ``codec`` on transports of that kind."""
+    return codec.index * len(TRANSPORT_ENCODERS) + transport_kind
 
 
-def socketio_text_frame(socketio_packet: str) -> bytes:
-    """A WebSocket frame carrying one Engine.IO message with one Socket.IO packet."""
-    return websocket_frame((EIO_MESSAGE + socketio_packet).encode())
+def engineio_message(socketio_packet: str | bytes) -> EngineIOPacket:
+    """The Engine.IO ``message`` packet carrying a codec's output (text gets its type ``4``)."""
+    return "4" + socketio_packet if isinstance(socketio_packet, str) else socketio_packet
 
 
 class EncodedEvent:
-    """A Socket.IO EVENT for namespace ``/``, encoded once and written to many connections.
+    """One Socket.IO EVENT for many sessions; ``wires[form]`` once built (else None)."""
 
-    ``encode()`` gives the Socket.IO packet text (python-socketio's packet interface, so the
-    Engine.IO transport can queue it as is); ``websocket_frame`` the complete WebSocket frame,
-    shared by every WebSocket recipient. Both are built here, once per publication per node, so
-    that the per-recipient fan-out only reads an attribute.
-    """
+    __slots__ = ("name", "payload", "_messages", "wires")
 
-    __slots__ = ("_text", "websocket_frame")
-
-    def __init__(self, event: str, payload: Any) -> None:
-        self._text = SIO_EVENT + dumps([event, payload])
-        self.websocket_frame = socketio_text_frame(self._text)
-
-    def encode(self) -> str:
-        return self._text
+    def __init__(self, name: str, payload: Any) -> None:
+        self.name = name
+        self.payload = payload
+        self._messages: list[EngineIOPacket | None] = [None] * len(CODECS)
+        self.wires: list[Wire | None] = [None] * WIRE_FORMS
 
     @property
     def events(self) -> tuple[EncodedEvent, ...]:
         return (self,)
 
+    def message(self, codec_index: int) -> EngineIOPacket:
+        """The Engine.IO message of this event for sessions using codec ``codec_index``."""
+        message = self._messages[codec_index]
+        if message is None:
+            message = engineio_message(CODECS[codec_index].encode_event(self.name, self.payload))
+            self._messages[codec_index] = message
+        return message
+
+    def build(self, form: int) -> Wire:
+        """``wires[form]``, building (and keeping) it the first time it is needed."""
+        wire = self.wires[form]
+        if wire is None:
+            codec_index, kind = divmod(form, len(TRANSPORT_ENCODERS))
+            wire = self.wires[form] = TRANSPORT_ENCODERS[kind]([self.message(codec_index)])
+        return wire
+
 
 class EventBatch:
-    """Several events for the same subscribers, in order: one write for a WebSocket client.
+    """Several events for the same sessions, in order: one write per WebSocket session."""
 
-    ``websocket_frame`` is every event's frame back to back (still one Engine.IO packet per
-    WebSocket frame, as the protocol wants), joined once for all recipients.
-    """
-
-    __slots__ = ("events", "websocket_frame")
+    __slots__ = ("events", "wires")
 
     def __init__(self, events: list[EncodedEvent]) -> None:
         self.events = events
-        self.websocket_frame = b"".join(event.websocket_frame for event in events)
+        self.wires: list[Wire | None] = [None] * WIRE_FORMS
+
+    def build(self, form: int) -> Wire:
+        wire = self.wires[form]
+        if wire is None:
+            codec_index, kind = divmod(form, len(TRANSPORT_ENCODERS))
+            wire = self.wires[form] = TRANSPORT_ENCODERS[kind](
+                [event.message(codec_index) for event in self.events])
+        return wire
 
 
-def new_session_id(node_id: str) -> str:
-    """An Engine.IO session id that names its node: ``<node_id>.<random>``.
-
-    A load balancer can then send every request of a session to the node that holds it by
-    reading the ``sid`` query argument, which works for thousands of clients behind one IP,
-    where ``ip_hash`` does not (see ``nginx/README.md``).
-    """
-    return f"{node_id}.{secrets.token_urlsafe(15)}"
+OutboundFrame = EncodedEvent | EventBatch

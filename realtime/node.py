@@ -28,7 +28,7 @@ from .broker.base import (
 from .config import Config
 from .control import ControlMessageError, decode_control, encode_control
 from .errors import RealtimeError
-from .hub import Connection, Hub, Subscribed
+from .hub import Hub, Subscribed, Subscriber
 from .payloads import check_publication_data
 from .presence.base import PresenceMember, PresenceStore
 
@@ -116,29 +116,29 @@ class Node:
         """True when the node can take traffic: started and its broker healthy."""
         return self._running and self.broker.is_healthy()
 
-    # -- connections -------------------------------------------------------------------------
+    # -- sessions ----------------------------------------------------------------------------
 
-    def connect(self, connection: Connection) -> None:
-        self.hub.add_connection(connection)
+    def connect(self, session: Subscriber) -> None:
+        self.hub.add_session(session)
 
-    def disconnect(self, connection: Connection) -> None:
-        """Forget a connection that went away: its subscriptions and presence go with it."""
-        for channel in self.hub.remove_connection(connection):
+    def disconnect(self, session: Subscriber) -> None:
+        """Forget a session that went away: its subscriptions and presence go with it."""
+        for channel in self.hub.remove_session(session):
             try:
-                self._leave(connection, channel)
+                self._leave(session, channel)
             except RealtimeError as exc:
-                logger.warning("cleanup of %s in %s failed: %s", connection, channel, exc)
+                logger.warning("cleanup of %s in %s failed: %s", session, channel, exc)
 
     # -- subscriptions -----------------------------------------------------------------------
 
-    def subscribe(self, connection: Connection, channel: str,
+    def subscribe(self, session: Subscriber, channel: str,
                   since: StreamPosition | None = None) -> SubscribeResult:
-        """Subscribe ``connection`` to ``channel``, recovering from ``since`` when given.
+        """Subscribe ``session`` to ``channel``, recovering from ``since`` when given.
 
-        Publications made while the subscription is set up reach the connection after the
+        Publications made while the subscription is set up reach the session after the
         reply to this call, never before and never twice (see :meth:`Hub.activate`).
         """
-        added = self.hub.add_subscriber(connection, channel)
+        added = self.hub.add_subscriber(session, channel)
         if added is Subscribed.ALREADY:
             return self._position_for(channel, since)
         try:
@@ -146,35 +146,35 @@ class Node:
             # a second one must not read the stream position before it is confirmed.
             self.broker.subscribe(channel)
             result = self._position_for(channel, since)
-            if self.presence_store.add(channel, connection.client_id, connection.user):
-                self.broker.publish_join(channel, connection.user)
+            if self.presence_store.add(channel, session.client_id, session.user):
+                self.broker.publish_join(channel, session.user)
         except Exception:
-            self._unsubscribe_locally(connection, channel)
+            self._unsubscribe_locally(session, channel)
             raise
-        if channel not in connection.channels:
-            # The connection went away (or unsubscribed) while this greenlet waited on the
+        if channel not in session.channels:
+            # The session went away (or unsubscribed) while this greenlet waited on the
             # broker; its cleanup ran before the presence entry above existed.
-            self._leave_presence(connection, channel)
+            self._leave_presence(session, channel)
             return result
         offset = result.position.offset
-        connection.after_reply(lambda: self.hub.activate(connection, channel, offset))
+        session.after_reply(lambda: self.hub.activate(session, channel, offset))
         return result
 
-    def unsubscribe(self, connection: Connection, channel: str) -> None:
-        """Unsubscribe ``connection`` from ``channel``; a no-op when it was not subscribed."""
-        if channel in connection.channels:
-            self._leave(connection, channel)
+    def unsubscribe(self, session: Subscriber, channel: str) -> None:
+        """Unsubscribe ``session`` from ``channel``; a no-op when it was not subscribed."""
+        if channel in session.channels:
+            self._leave(session, channel)
 
-    def _leave(self, connection: Connection, channel: str) -> None:
-        self._unsubscribe_locally(connection, channel)
-        self._leave_presence(connection, channel)
+    def _leave(self, session: Subscriber, channel: str) -> None:
+        self._unsubscribe_locally(session, channel)
+        self._leave_presence(session, channel)
 
-    def _leave_presence(self, connection: Connection, channel: str) -> None:
-        if self.presence_store.remove(channel, connection.client_id, connection.user):
-            self.broker.publish_leave(channel, connection.user)
+    def _leave_presence(self, session: Subscriber, channel: str) -> None:
+        if self.presence_store.remove(channel, session.client_id, session.user):
+            self.broker.publish_leave(channel, session.user)
 
-    def _unsubscribe_locally(self, connection: Connection, channel: str) -> None:
-        _, last_on_node = self.hub.remove_subscriber(connection, channel)
+    def _unsubscribe_locally(self, session: Subscriber, channel: str) -> None:
+        _, last_on_node = self.hub.remove_subscriber(session, channel)
         if last_on_node:
             self.broker.unsubscribe(channel)
 
@@ -239,7 +239,7 @@ class Node:
     # -- cluster-wide commands ---------------------------------------------------------------
 
     def disconnect_user(self, user: str) -> int:
-        """Disconnect every connection of ``user`` on every node; return how many there were.
+        """Disconnect every session of ``user`` on every node; return how many there were.
 
         Nodes that do not answer within the survey timeout are not counted.
         """
@@ -265,7 +265,7 @@ class Node:
         return [infos[node_id] for node_id in sorted(infos)]
 
     def local_info(self) -> NodeInfo:
-        return NodeInfo(self.node_id, self.hub.connection_count, self.hub.subscription_count,
+        return NodeInfo(self.node_id, self.hub.session_count, self.hub.subscription_count,
                         round(time.monotonic() - self._started_at, 3))
 
     def _live_peers(self) -> list[str]:
@@ -274,10 +274,11 @@ class Node:
                 if now - seen_at < NODE_EXPIRY]
 
     def _disconnect_local(self, user: str) -> int:
-        connections = self.hub.connections_of(user)
-        for connection in connections:
-            connection.close("disconnected by the server")
-        return len(connections)
+        sessions = self.hub.sessions_of(user)
+        for session in sessions:
+            # A deliberate disconnect: the client is told, and does not reconnect by itself.
+            session.close("disconnected by the server", notify=True)
+        return len(sessions)
 
     def _send_control(self, kind: str, **fields: Any) -> None:
         self.broker.publish_control(encode_control(self.node_id, kind, **fields))
@@ -285,7 +286,7 @@ class Node:
     def _heartbeat_loop(self) -> None:
         """Announce this node and refresh its presence entries, forever, surviving failures."""
         # Every entry is refreshed once per third of the TTL (it survives two missed refreshes),
-        # a slice of the connections per heartbeat: thousands of entries refreshed at once
+        # a slice of the sessions per heartbeat: thousands of entries refreshed at once
         # would stall the event loop, and every client's latency with it.
         slices = max(1, int(self.config.presence_ttl / 3 / HEARTBEAT_INTERVAL))
         beat = 0

@@ -1,22 +1,27 @@
-"""The client protocol, independent of transport: client events in, exactly one ack out.
+"""The client protocol, independent of transport and codec: client events in, one ack out.
 
-Both transports (python-socketio for long-polling, :mod:`realtime.websocket` for WebSocket)
-hand every client event to :meth:`ClientProtocol.handle`, which parses, authorises, calls the
-node and answers ``{ok: true, ...}`` or ``{ok: false, error: {code, message}}``. Nothing a client
+Every session (:mod:`realtime.session`), whatever carries it, connects through
+:meth:`ClientProtocol.connect`, the one connect hook that decides who the client is, and hands
+every client event to :meth:`ClientProtocol.handle`, which parses, authorises, calls the node
+and answers ``{ok: true, ...}`` or ``{ok: false, error: {code, message}}``. Nothing a client
 sends can raise out of it.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .broker.base import StreamPosition
 from .channels import MAX_USER_ID_LENGTH, ChannelPolicy, validate_channel
 from .errors import BadRequest, InternalError, RealtimeError
-from .hub import Connection
 from .node import Node
+from .session import Identity, RequestContext, error_ack
+
+if TYPE_CHECKING:
+    from .session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -24,22 +29,59 @@ Ack = dict[str, Any]
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error"})
 
 
+class Authenticator(Protocol):
+    """The connect hook: who is the client connecting with ``auth`` over ``request``?
+
+    Returns the client's :class:`~realtime.session.Identity`, or raises a
+    :class:`~realtime.errors.RealtimeError` (``Unauthorized`` for bad credentials), which the
+    client receives as ``connect_error`` ``{message: <code>, data: {reason}}``. Called once per
+    session, for every transport, before the session joins the node.
+    """
+
+    def authenticate(self, request: RequestContext, auth: object,
+                     client_id: str) -> Identity: ...
+
+
+class AnonymousAuthenticator:
+    """Development default: everyone is welcome, and is who ``auth.user`` says.
+
+    The user id is ``auth.user`` when it is a non-empty string of at most 64 characters (and
+    valid Unicode), else ``anon-<client id>``. Nothing is verified.
+    """
+
+    def authenticate(self, request: RequestContext, auth: object,
+                     client_id: str) -> Identity:
+        return Identity(user_id_from_auth(auth, client_id))
+
+
 def user_id_from_auth(auth: object, client_id: str) -> str:
-    """The connection's user id: ``auth.user`` when usable, else ``anon-<sid>``."""
+    """The session's user id: ``auth.user`` when usable, else ``anon-<sid>``."""
     if isinstance(auth, dict):
         user = auth.get("user")
-        if isinstance(user, str) and 0 < len(user) <= MAX_USER_ID_LENGTH:
+        if isinstance(user, str) and 0 < len(user) <= MAX_USER_ID_LENGTH and _is_utf8(user):
             return user
     return "anon-" + client_id
+
+
+def _is_utf8(text: str) -> bool:
+    # A lone surrogate (valid in JSON text, not in UTF-8) could never be written to a msgpack
+    # client, nor to Redis as text.
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ClientProtocol:
     """The events a client may send, and their answers."""
 
-    def __init__(self, node: Node, policy: ChannelPolicy) -> None:
+    def __init__(self, node: Node, policy: ChannelPolicy,
+                 authenticator: Authenticator | None = None) -> None:
         self.node = node
         self.policy = policy
-        self._handlers: dict[str, Callable[[Connection, dict], Ack]] = {
+        self.authenticator = authenticator or AnonymousAuthenticator()
+        self._handlers: dict[str, Callable[[Session, dict], Ack]] = {
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
             "publish": self._publish,
@@ -47,7 +89,18 @@ class ClientProtocol:
             "presence": self._presence,
         }
 
-    def handle(self, connection: Connection, event: object, args: tuple | list) -> Ack:
+    def connect(self, session: Session, auth: object) -> None:
+        """Authenticate a session's Socket.IO CONNECT and add it to the node.
+
+        Raises the authenticator's error (the session answers ``connect_error``).
+        """
+        client_id = secrets.token_urlsafe(15)
+        identity = self.authenticator.authenticate(session.request, auth, client_id)
+        session.client_id, session.user, session.claims = (client_id, identity.user,
+                                                            identity.claims)
+        self.node.connect(session)
+
+    def handle(self, session: Session, event: object, args: tuple | list) -> Ack:
         """Answer client event ``event`` with arguments ``args`` (the ack's one object)."""
         try:
             handler = self._handlers.get(event) if isinstance(event, str) else None
@@ -57,16 +110,16 @@ class ClientProtocol:
                 raise BadRequest(f"unknown event {str(event)[:50]!r}")
             if len(args) != 1 or not isinstance(args[0], dict):
                 raise BadRequest("the event takes one object argument")
-            return {"ok": True, **handler(connection, args[0])}
+            return {"ok": True, **handler(session, args[0])}
         except RealtimeError as exc:
-            return self._refused(event, connection, exc)
+            return self._refused(event, session, exc)
         except Exception:
-            logger.exception("%s from %s failed", str(event)[:50], connection)
+            logger.exception("%s from %s failed", str(event)[:50], session)
             return error_ack(InternalError())
 
-    def handle_publishes(self, connection: Connection, events_args: list[tuple | list],
+    def handle_publishes(self, session: Session, events_args: list[tuple | list],
                          ) -> list[Ack]:
-        """Answer a run of ``publish`` events (their arguments) from one connection, in order.
+        """Answer a run of ``publish`` events (their arguments) from one session, in order.
 
         The same answers as :meth:`handle` gives each event, but the publications go to the
         broker together, so a client publishing faster than the round trip to the broker is
@@ -78,64 +131,64 @@ class ClientProtocol:
             try:
                 if len(args) != 1 or not isinstance(args[0], dict):
                     raise BadRequest("the event takes one object argument")
-                channel, data = self._publication(connection, args[0])
+                channel, data = self._publication(session, args[0])
             except RealtimeError as exc:
-                answers[index] = self._refused("publish", connection, exc)
+                answers[index] = self._refused("publish", session, exc)
                 continue
-            accepted.append((channel, data, connection.user))
+            accepted.append((channel, data, session.user))
             slots.append(index)
         if accepted:
             try:
                 results = self.node.publish_many(accepted)
             except Exception:
-                logger.exception("publish from %s failed", connection)
+                logger.exception("publish from %s failed", session)
                 results = [InternalError()] * len(accepted)
             for index, result in zip(slots, results, strict=True):
-                answers[index] = (self._refused("publish", connection, result)
+                answers[index] = (self._refused("publish", session, result)
                                   if isinstance(result, RealtimeError)
                                   else {"ok": True, "offset": result.offset,
                                         "epoch": result.epoch})
         return answers  # type: ignore[return-value]  # every slot is filled by now
 
-    def _refused(self, event: object, connection: Connection, exc: RealtimeError) -> Ack:
-        logger.info("%s from %s refused: %s %s", str(event)[:50], connection, exc.code,
+    def _refused(self, event: object, session: Session, exc: RealtimeError) -> Ack:
+        logger.info("%s from %s refused: %s %s", str(event)[:50], session, exc.code,
                     exc.message)
         return error_ack(exc)
 
-    def _subscribe(self, connection: Connection, payload: dict) -> Ack:
+    def _subscribe(self, session: Session, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))
         since = _stream_position(payload.get("since"))
-        self.policy.check_subscribe(connection.user, channel)
-        return self.node.subscribe(connection, channel, since).to_dict()
+        self.policy.check_subscribe(session.user, channel)
+        return self.node.subscribe(session, channel, since).to_dict()
 
-    def _unsubscribe(self, connection: Connection, payload: dict) -> Ack:
-        self.node.unsubscribe(connection, validate_channel(payload.get("channel")))
+    def _unsubscribe(self, session: Session, payload: dict) -> Ack:
+        self.node.unsubscribe(session, validate_channel(payload.get("channel")))
         return {}
 
-    def _publish(self, connection: Connection, payload: dict) -> Ack:
-        channel, data = self._publication(connection, payload)
-        position = self.node.publish(channel, data, user=connection.user)
+    def _publish(self, session: Session, payload: dict) -> Ack:
+        channel, data = self._publication(session, payload)
+        position = self.node.publish(channel, data, user=session.user)
         return {"offset": position.offset, "epoch": position.epoch}
 
-    def _publication(self, connection: Connection, payload: dict) -> tuple[str, Any]:
+    def _publication(self, session: Session, payload: dict) -> tuple[str, Any]:
         """The channel and data of a ``publish`` event, once parsed and authorised."""
         channel = validate_channel(payload.get("channel"))
         if "data" not in payload:
             raise BadRequest("data is required")
-        self.policy.check_publish(connection.user, channel)
+        self.policy.check_publish(session.user, channel)
         return channel, payload["data"]
 
-    def _history(self, connection: Connection, payload: dict) -> Ack:
+    def _history(self, session: Session, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))
         limit = parse_limit(payload.get("limit"))
-        self.policy.check_subscribe(connection.user, channel)
+        self.policy.check_subscribe(session.user, channel)
         result = self.node.history(channel, limit)
         return {"epoch": result.position.epoch, "offset": result.position.offset,
                 "publications": [p.to_event() for p in result.publications]}
 
-    def _presence(self, connection: Connection, payload: dict) -> Ack:
+    def _presence(self, session: Session, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))
-        self.policy.check_subscribe(connection.user, channel)
+        self.policy.check_subscribe(session.user, channel)
         return {"members": [m.to_dict() for m in self.node.presence(channel)]}
 
 
@@ -146,10 +199,6 @@ def parse_limit(limit: object) -> int | None:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         raise BadRequest("limit must be a non-negative integer")
     return limit
-
-
-def error_ack(error: RealtimeError) -> Ack:
-    return {"ok": False, "error": error.to_dict()}
 
 
 def _stream_position(since: object) -> StreamPosition | None:

@@ -9,7 +9,6 @@ import socket
 
 import gevent
 from gevent import pywsgi
-from geventwebsocket.handler import WebSocketHandler
 
 from .app import Realtime, create_app
 from .config import Config, ConfigError
@@ -30,17 +29,17 @@ def check_monkey_patched() -> None:
                            "first thing in the entry point (run.py does)")
 
 
-class RealtimeHandler(WebSocketHandler):
-    """pywsgi handler that gives direct WebSocket sessions to :mod:`realtime.websocket`.
+class RealtimeHandler(pywsgi.WSGIHandler):
+    """pywsgi handler that gives WebSocket upgrades under /socket.io/ to the Engine.IO server.
 
-    Everything else (pages, the API, long-polling, upgrades from long-polling) goes through
-    the WSGI app and gevent-websocket as usual.
+    An upgrade needs the raw socket (which WSGI does not expose): the engine answers it and
+    takes the socket over. Everything else (pages, the API, long-polling) is plain WSGI.
     """
 
     def run_application(self) -> None:
-        websocket = getattr(self.server, "realtime_websocket", None)
-        if websocket is not None and websocket.wants(self.environ):
-            websocket.accept(self)
+        engine = getattr(self.server, "realtime_engine", None)
+        if engine is not None and engine.is_websocket_request(self.environ):
+            engine.handle_websocket(self)
             self.close_connection = True
             return
         super().run_application()
@@ -70,7 +69,7 @@ def serve(config: Config) -> None:
     realtime: Realtime = create_app(config)
     server = pywsgi.WSGIServer(
         (config.host, config.port),
-        realtime.app,
+        realtime.wsgi,
         handler_class=RealtimeHandler,
         log=None,  # no access log line per long-polling request
         backlog=LISTEN_BACKLOG,
@@ -83,7 +82,7 @@ def serve(config: Config) -> None:
     # Accepted sockets inherit it: long-polling responses and events leave at once instead of
     # waiting behind Nagle's algorithm for the client's delayed ACK.
     server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    server.realtime_websocket = realtime.websocket
+    server.realtime_engine = realtime.engine
     realtime.start()
     host, port = server.socket.getsockname()[:2]
     logger.info("node %s serving on http://%s:%d (broker %s, up to %d open files)",

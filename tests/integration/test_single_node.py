@@ -160,12 +160,12 @@ def test_malformed_packets_close_only_that_connection(single_node, clients, fram
     assert "Traceback" not in single_node.log()
 
 
-def test_unknown_engineio_packet_types_are_ignored(single_node):
+def test_unknown_engineio_packet_types_close_the_connection(single_node):
     ws = raw_socketio(single_node)
-    ws.send("9whatever")
     ws.send('421["history",{"channel":"c","limit":0}]')
     assert ws.recv().startswith('431[{"ok":true')
-    ws.close()
+    ws.send("9whatever")
+    assert closed_by_server(ws)
 
 
 def test_oversize_frames_close_the_connection(single_node, clients):

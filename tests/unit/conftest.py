@@ -1,7 +1,9 @@
 import pytest
 
 from realtime.app import create_app
+from realtime.codecs import JSON, MSGPACK, PacketType
 from realtime.config import Config
+from tests.unit.sessions import SessionClient
 
 
 @pytest.fixture
@@ -13,20 +15,20 @@ def realtime():
     instance.stop()
 
 
-@pytest.fixture
-def connect(realtime):
-    """``connect(user=...)``: a Flask-SocketIO test client connected to the node."""
-    clients = []
+@pytest.fixture(params=[JSON, MSGPACK], ids=["json", "msgpack"])
+def codec(request):
+    """Each codec in turn: the protocol must not depend on it."""
+    return request.param
 
+
+@pytest.fixture
+def connect(realtime, codec):
+    """``connect(user=...)``: a connected :class:`SessionClient` of the node."""
     def make(user=None, auth=None):
         if auth is None and user is not None:
             auth = {"user": user}
-        client = realtime.socketio.test_client(realtime.app, auth=auth)
-        assert client.is_connected()
-        clients.append(client)
+        client = SessionClient(realtime.engine, codec)
+        assert client.connect(auth).type is PacketType.CONNECT
         return client
 
-    yield make
-    for client in clients:
-        if client.is_connected():
-            client.disconnect()
+    return make

@@ -1,28 +1,35 @@
-"""In-memory connections for unit tests of the hub and the node."""
+"""In-memory stand-ins for unit tests of the hub, the node and sessions."""
 
 from __future__ import annotations
 
-from realtime.hub import Connection
+import json
+
+from realtime.frames import EncodedEvent
 
 
-class FakeConnection(Connection):
-    """Records frames; runs ``after_reply`` callbacks only when the test says the reply left."""
-
-    __slots__ = ("sent", "closed", "deferred", "node")
+class FakeSubscriber:
+    """A hub subscriber that records frames; runs ``after_reply`` callbacks only when the test
+    says the reply left."""
 
     def __init__(self, client_id, user, node=None):
-        super().__init__(client_id, user)
+        self.client_id = client_id
+        self.user = user
+        self.channels: set[str] = set()
+        self.pending: dict = {}
         self.sent: list = []
-        self.closed: list[str] = []
+        self.closed: list[tuple[str, bool]] = []
         self.deferred: list = []
         self.node = node
+
+    def __repr__(self):
+        return f"<FakeSubscriber {self.client_id}>"
 
     def send(self, frame):
         self.sent.append(frame)
 
-    def close(self, reason):
-        self.closed.append(reason)
-        if self.node is not None:  # a real transport reports the disconnect back
+    def close(self, reason, *, notify=False):
+        self.closed.append((reason, notify))
+        if self.node is not None:  # a real session reports the disconnect back
             self.node.disconnect(self)
 
     def after_reply(self, callback):
@@ -34,9 +41,13 @@ class FakeConnection(Connection):
             callback()
 
     def events(self, name=None):
-        """(event, payload) pairs decoded from the frames, or payloads of ``name``."""
-        import json
-
-        decoded = [json.loads(event.encode()[1:]) for frame in self.sent
-                   for event in frame.events]
+        """Payloads of the events sent so far (of ``name`` only, when given)."""
+        decoded = [(event.name, event.payload) for frame in self.sent for event in frame.events]
         return [payload for event, payload in decoded if name is None or event == name]
+
+
+def decode_event_text(event: EncodedEvent) -> list:
+    """The [name, payload] an EncodedEvent carries for JSON clients (its encoded text)."""
+    text = event.message(0)
+    assert text.startswith("42")
+    return json.loads(text[2:])

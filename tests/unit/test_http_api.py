@@ -2,6 +2,7 @@
 
 import pytest
 
+from realtime.codecs import PacketType
 from tests.helpers import wait_until
 
 
@@ -30,27 +31,28 @@ def test_broadcast_publishes_on_each_channel(http):
 
 def test_publish_reaches_socketio_subscribers(http, connect):
     alice = connect("alice")
-    alice.emit("subscribe", {"channel": "user:alice"}, callback=True)
+    alice.emit("subscribe", {"channel": "user:alice"})
     http.post("/api/publish", json={"channel": "user:alice", "data": {"n": 1}})
-    received = wait_until(lambda: [r for r in alice.get_received() if r["name"] == "message"])
-    assert received[0]["args"] == {"channel": "user:alice", "offset": 1, "data": {"n": 1},
-                                   "user": None}
+    assert alice.wait_events("message", 1) == [
+        {"channel": "user:alice", "offset": 1, "data": {"n": 1}, "user": None}]
 
 
 def test_presence_and_disconnect(http, connect):
     alice, alice2, bob = connect("alice"), connect("alice"), connect("bob")
     for client in (alice, alice2, bob):
-        client.emit("subscribe", {"channel": "room"}, callback=True)
+        client.emit("subscribe", {"channel": "room"})
     assert http.get("/api/presence/room").json == {"members": [
         {"user": "alice", "connections": 2}, {"user": "bob", "connections": 1}]}
     assert http.post("/api/disconnect", json={"user": "alice"}).json == {"disconnected": 2}
-    assert not alice.is_connected() and not alice2.is_connected() and bob.is_connected()
-    assert http.get("/api/presence/room").json == {"members": [
-        {"user": "bob", "connections": 1}]}
+    assert alice.session.closed and alice2.session.closed and not bob.session.closed
+    # told with a Socket.IO DISCONNECT: the client must not reconnect by itself
+    assert alice.socketio_packets()[-1].type is PacketType.DISCONNECT
+    wait_until(lambda: http.get("/api/presence/room").json == {"members": [
+        {"user": "bob", "connections": 1}]})
 
 
 def test_info_and_probes(http, connect):
-    connect("alice").emit("subscribe", {"channel": "x"}, callback=True)
+    connect("alice").emit("subscribe", {"channel": "x"})
     (node,) = http.get("/api/info").json["nodes"]
     assert node["node_id"] == "unit" and node["connections"] == 1
     assert node["subscriptions"] == 1 and node["uptime_s"] >= 0

@@ -1,13 +1,13 @@
 from realtime.broker import Publication
 from realtime.hub import Hub, Subscribed
-from tests.unit.fakes import FakeConnection
+from tests.unit.fakes import FakeSubscriber
 
 
 def make_hub(*users):
     hub = Hub()
-    connections = [FakeConnection(f"c{i}", user) for i, user in enumerate(users)]
+    connections = [FakeSubscriber(f"c{i}", user) for i, user in enumerate(users)]
     for connection in connections:
-        hub.add_connection(connection)
+        hub.add_session(connection)
     return hub, connections
 
 
@@ -53,11 +53,11 @@ def test_removing_a_connection_reports_its_channels_and_forgets_its_user():
     hub, (a, a2) = make_hub("alice", "alice")
     hub.add_subscriber(a, "x")
     hub.add_subscriber(a, "y")
-    assert sorted(hub.remove_connection(a)) == ["x", "y"]
-    assert hub.connections_of("alice") == [a2]
-    assert hub.remove_connection(a) == []
-    hub.remove_connection(a2)
-    assert hub.connections_of("alice") == [] and hub.connection_count == 0
+    assert sorted(hub.remove_session(a)) == ["x", "y"]
+    assert hub.sessions_of("alice") == [a2]
+    assert hub.remove_session(a) == []
+    hub.remove_session(a2)
+    assert hub.sessions_of("alice") == [] and hub.session_count == 0
 
 
 def test_publications_that_arrive_together_leave_in_one_write_per_channel():

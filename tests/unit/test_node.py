@@ -5,7 +5,7 @@ from realtime.config import Config
 from realtime.errors import BadRequest, TooLarge
 from realtime.node import Node
 from realtime.presence import MemoryPresenceStore
-from tests.unit.fakes import FakeConnection
+from tests.unit.fakes import FakeSubscriber
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def node():
 
 
 def connect(node, client_id, user):
-    connection = FakeConnection(client_id, user, node)
+    connection = FakeSubscriber(client_id, user, node)
     node.connect(connection)
     return connection
 
@@ -74,7 +74,9 @@ def test_disconnect_user_closes_all_their_connections_and_counts_them(node):
         node.subscribe(alice, "ch")
     bob = connect(node, "b1", "bob")
     assert node.disconnect_user("alice") == 2
-    assert all(alice.closed for alice in alices) and not bob.closed
+    # a deliberate disconnect tells the client (it must not reconnect by itself)
+    assert all(alice.closed == [("disconnected by the server", True)] for alice in alices)
+    assert not bob.closed
     assert node.disconnect_user("alice") == 0
     assert node.presence("ch") == []
 
@@ -117,4 +119,4 @@ def test_a_connection_that_leaves_while_subscribing_leaves_no_presence_behind(no
     node.presence_store.add = disconnect_first
     node.subscribe(alice, "ch")
     assert node.presence("ch") == []
-    assert node.hub.channels() == [] and node.hub.connection_count == 0
+    assert node.hub.channels() == [] and node.hub.session_count == 0
