@@ -35,7 +35,7 @@ from .codecs import PacketError, dumps
 from .config import Config
 from .session import RequestContext, Session, parse_query
 from .transports.framing import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG
-from .transports.polling import PollingOverlap, PollingTransport
+from .transports.polling import PollingOverlap, PollingTransport, body_limit
 from .transports.websocket import WebSocketTransport, encode_packets
 
 if TYPE_CHECKING:
@@ -249,7 +249,7 @@ class EngineServer:
     def _open_polling(self, environ: dict, start_response: StartResponse,
                       cors: list[tuple[str, str]]) -> Iterable[bytes]:
         session = self.new_session(RequestContext.from_environ(environ))
-        session.attach(PollingTransport(session))
+        session.attach(PollingTransport(session, self.max_payload))
         self._register(session)
         body = b"0" + self._open_packet(session, ["websocket"]).encode()
         return _respond(start_response, "200 OK", body, "text/plain; charset=UTF-8", cors)
@@ -273,19 +273,20 @@ class EngineServer:
     def _receive(self, session: Session, transport: PollingTransport, environ: dict,
                  start_response: StartResponse, cors: list[tuple[str, str]],
                  ) -> Iterable[bytes]:
+        limit = body_limit(self.max_payload)
         declared = environ.get("CONTENT_LENGTH")
         try:
             length = int(declared) if declared else None
         except ValueError:
             raise HandshakeError("Content-Length is not a number") from None
-        if length is not None and length > self.max_payload:
+        if length is not None and length > limit:
             # Refused from the header: the body is never read (and the connection is closed).
             session.close("payload over the limit", code=CLOSE_TOO_BIG)
             return self._error(start_response, "413 Payload Too Large",
-                               f"payload of {length} bytes is over the limit of "
-                               f"{self.max_payload}", environ, close=True, code="too_large")
-        body = environ["wsgi.input"].read(self.max_payload + 1 if length is None else length)
-        if len(body) > self.max_payload:
+                               f"payload of {length} bytes is over the limit of {limit}",
+                               environ, close=True, code="too_large")
+        body = environ["wsgi.input"].read(limit + 1 if length is None else length)
+        if len(body) > limit:
             session.close("payload over the limit", code=CLOSE_TOO_BIG)
             return self._error(start_response, "413 Payload Too Large",
                                "payload over the limit", environ, close=True, code="too_large")
@@ -293,6 +294,9 @@ class EngineServer:
             transport.receive(body)
         except PacketError as exc:
             session.close(f"protocol error ({exc})", code=exc.close_code)
+            if exc.close_code == CLOSE_TOO_BIG:
+                return self._error(start_response, "413 Payload Too Large", str(exc), environ,
+                                   close=True, code="too_large")
             raise HandshakeError(f"not a valid payload: {exc}") from None
         except PollingOverlap as exc:
             session.close(f"protocol error ({exc})", code=CLOSE_POLICY)

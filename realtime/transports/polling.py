@@ -21,7 +21,7 @@ import gevent.event
 
 from ..codecs import PacketError
 from .base import POLLING
-from .framing import CLOSE_BAD_DATA
+from .framing import CLOSE_BAD_DATA, CLOSE_TOO_BIG
 
 if TYPE_CHECKING:
     from ..session import Session
@@ -44,8 +44,21 @@ def encode_packets(packets: Sequence[str | bytes]) -> tuple[bytes, ...]:
                  for p in packets)
 
 
-def decode_payload(body: bytes) -> list[str | bytes]:
-    """The Engine.IO packets of a POST body; :class:`PacketError` when it is not a payload."""
+def body_limit(max_message: int) -> int:
+    """The largest POST body that can carry one message of ``max_message`` bytes.
+
+    Binary packets travel base64-encoded (4/3 of their size, plus the ``b``), so a msgpack
+    client's largest message needs more room than a JSON client's.
+    """
+    return (max_message + 2) // 3 * 4 + 1
+
+
+def decode_payload(body: bytes, max_message: int | None = None) -> list[str | bytes]:
+    """The Engine.IO packets of a POST body; :class:`PacketError` when it is not a payload.
+
+    With ``max_message``, a packet larger than that (decoded) is refused as too big, the same
+    limit WebSocket frames have.
+    """
     try:
         text = body.decode()
     except UnicodeDecodeError:
@@ -54,13 +67,18 @@ def decode_payload(body: bytes) -> list[str | bytes]:
     for record in text.split("\x1e"):
         if not record:
             raise PacketError("empty packet in payload")
+        packet: str | bytes
         if record[0] == "b":
             try:
-                packets.append(base64.b64decode(record[1:], validate=True))
+                packet = base64.b64decode(record[1:], validate=True)
             except (binascii.Error, ValueError):
                 raise PacketError("binary packet is not base64") from None
         else:
-            packets.append(record)
+            packet = record
+        if max_message is not None and len(packet) > max_message:
+            raise PacketError(f"packet of {len(packet)} bytes is over the limit of "
+                              f"{max_message}", CLOSE_TOO_BIG)
+        packets.append(packet)
     return packets
 
 
@@ -70,11 +88,12 @@ class PollingTransport:
     kind = POLLING
     name = "polling"
 
-    __slots__ = ("session", "queue", "queued", "waiter", "closed", "releasing", "reading",
-                 "resumed", "posting")
+    __slots__ = ("session", "max_message", "queue", "queued", "waiter", "closed", "releasing",
+                 "reading", "resumed", "posting", "close_after_final")
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, max_message: int) -> None:
         self.session = session
+        self.max_message = max_message
         self.queue: list[bytes] = []
         self.queued = 0  # bytes in ``queue``
         self.waiter: gevent.event.Event | None = None  # set to wake the pending GET
@@ -85,6 +104,8 @@ class PollingTransport:
         self.reading = True
         self.resumed: gevent.event.Event | None = None
         self.posting = False
+        # The close packet waits until a GET has taken the final packets (see close()).
+        self.close_after_final = False
 
     def __repr__(self) -> str:
         return f"<PollingTransport queued={self.queued}>"
@@ -117,10 +138,20 @@ class PollingTransport:
             self.resumed = None
 
     def close(self, final: tuple[bytes, ...] = (), code: int = 0) -> None:
-        """Queue ``final`` and the Engine.IO close packet for the next GET, then take nothing."""
+        """Queue ``final``, then the Engine.IO close packet, and take nothing more.
+
+        The close packet leaves in a later response than ``final``: the official client hands
+        decoded Socket.IO packets over on the next tick but closes at once on a close packet,
+        so a DISCONNECT in the same response would arrive after the client already reported
+        ``transport close`` (and reconnected). The reference server waits the same way.
+        """
         if self.closed:
             return
-        self.write((*final, CLOSE))
+        if final:
+            self.write(final)
+            self.close_after_final = True
+        else:
+            self.write((CLOSE,))
         self.closed = True
         self.resume_reading()  # a POST waiting to hand over packets must not wait forever
 
@@ -156,13 +187,17 @@ class PollingTransport:
         taken = self.queue[:MAX_PACKETS_PER_RESPONSE]
         del self.queue[:MAX_PACKETS_PER_RESPONSE]
         self.queued -= sum(map(len, taken))
+        if self.close_after_final and not self.queue:
+            self.close_after_final = False
+            self.queue.append(CLOSE)
+            self.queued += len(CLOSE)
         return RECORD_SEPARATOR.join(taken)
 
     def receive(self, body: bytes) -> None:
         """Answer a POST: hand its packets to the session, in order (may wait, see module)."""
         if self.posting:
             raise PollingOverlap("a POST is already being handled for this session")
-        packets = decode_payload(body)
+        packets = decode_payload(body, self.max_message)
         self.posting = True
         try:
             for packet in packets:

@@ -29,8 +29,8 @@ class RecordingClient(socketio.Client):
     Its handlers run on the reading thread: call ``call``/``emit`` from the test thread only.
     """
 
-    def __init__(self) -> None:
-        super().__init__(reconnection=False)
+    def __init__(self, serializer: str = "default") -> None:
+        super().__init__(reconnection=False, serializer=serializer)
         self.received: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
         for name in ("message", "join", "leave"):
@@ -61,16 +61,33 @@ class RecordingClient(socketio.Client):
                           timeout, message=f"{count} messages on {channel}")
 
 
-def connect_client(url: str, transport: str, user: str | None = None,
+# The ways a client can come in: (transports, serializer). "upgrade" is the official client's
+# default start: long-polling, then a WebSocket upgrade.
+WAYS = {
+    "websocket": (["websocket"], "default"),
+    "polling": (["polling"], "default"),
+    "upgrade": (["polling", "websocket"], "default"),
+    "msgpack-websocket": (["websocket"], "msgpack"),
+    "msgpack-polling": (["polling"], "msgpack"),
+}
+
+
+def connect_client(url: str, way: str, user: str | None = None,
                    path: str = "socket.io") -> RecordingClient:
-    client = RecordingClient()
-    client.connect(url, transports=[transport], auth={"user": user} if user else None,
+    """A connected python-socketio client that came in ``way`` (a key of :data:`WAYS`)."""
+    transports, serializer = WAYS[way]
+    client = RecordingClient(serializer)
+    client.connect(url, transports=transports, auth={"user": user} if user else None,
                    socketio_path=path, wait_timeout=10)
+    if way == "upgrade":
+        wait_until(lambda: client.transport() == "websocket", message="the upgrade")
     return client
 
 
-OFFICIAL_CLIENT_SCRIPT = Path(__file__).with_name("official_client.js")
-OFFICIAL_CLIENT = Path(__file__).parents[2] / "static" / "node_modules" / "socket.io-client"
+JS_DIR = Path(__file__).parent / "js"
+STATIC_MODULES = Path(__file__).parents[2] / "static" / "node_modules"
+OFFICIAL_CLIENT_SCRIPT = JS_DIR / "official_client.js"
+OFFICIAL_CLIENT = STATIC_MODULES / "socket.io-client"
 
 
 def run_official_client(url: str, mode: str, channel: str, publishes: int) -> dict:

@@ -1,10 +1,11 @@
-"""One real node process, real python-socketio clients over WebSocket and long-polling."""
+"""One real node process: raw WebSocket edge cases, pages, configuration, signals.
+
+The protocol's rules over every way in are in ``test_protocol_table.py``.
+"""
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 
 import pytest
 import requests
@@ -22,85 +23,6 @@ def api(node, method, path, **kwargs):
     return response.status_code, response.json()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_every_subscriber_gets_every_publication_once_in_order(single_node, channel, clients,
-                                                               transport):
-    alice = connect_client(single_node.url, transport, "alice")
-    bob = connect_client(single_node.url, transport, "bob")
-    clients += [alice, bob]
-    for client in (alice, bob):
-        ack = client.call("subscribe", {"channel": channel}, timeout=10)
-        assert ack["ok"] and ack["offset"] == 0
-    for i in range(10):
-        sender = alice if i % 2 else bob
-        assert sender.call("publish", {"channel": channel, "data": i}, timeout=10)["ok"]
-    api(single_node, "POST", "/api/publish", json={"channel": channel, "data": "api"})
-    for client in (alice, bob):
-        messages = client.wait_messages(channel, 11)
-        assert [m["offset"] for m in messages] == list(range(1, 12))
-        assert [m["data"] for m in messages] == [*range(10), "api"]
-        assert [m["user"] for m in messages] == ["bob", "alice"] * 5 + [None]
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_live_messages_follow_the_subscribe_ack_never_before_never_twice(single_node, channel,
-                                                                        clients, transport):
-    publisher = connect_client(single_node.url, "websocket", "pub")
-    subscriber = connect_client(single_node.url, transport, "sub")
-    clients += [publisher, subscriber]
-    first = publisher.call("publish", {"channel": channel, "data": 0}, timeout=10)
-    stop = threading.Event()
-
-    def publish_continuously():
-        while not stop.is_set():
-            publisher.call("publish", {"channel": channel, "data": "x"}, timeout=10)
-
-    thread = threading.Thread(target=publish_continuously)
-    thread.start()
-    def published_so_far() -> int:
-        return requests.get(f"{single_node.url}/api/history/{channel}?limit=0",
-                            timeout=5).json()["offset"]
-
-    try:
-        wait_until(lambda: published_so_far() >= 5)
-        # A little behind the publisher, well within the 1000 publications kept.
-        since = {"epoch": first["epoch"], "offset": published_so_far() - 2}
-        subscriber.emit_recorded("subscribe", {"channel": channel, "since": since})
-        wait_until(lambda: len(subscriber.messages(channel)) >= 20, message="20 live messages")
-    finally:
-        stop.set()
-        thread.join()
-    kinds = [event for event, _ in subscriber.received]
-    assert kinds[0] == "ack:subscribe", kinds[:3]
-    ack = subscriber.received[0][1]
-    assert ack["ok"] and ack["recovered"] is True
-    recovered = [p["offset"] for p in ack["publications"]]
-    live = [m["offset"] for m in subscriber.messages(channel)]
-    assert recovered == list(range(since["offset"] + 1, ack["offset"] + 1))
-    assert live == list(range(ack["offset"] + 1, ack["offset"] + 1 + len(live)))
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_history_presence_and_join_leave(single_node, channel, clients, transport):
-    watcher = connect_client(single_node.url, transport, "watcher")
-    clients.append(watcher)
-    watcher.call("subscribe", {"channel": channel}, timeout=10)
-    alice = connect_client(single_node.url, transport, "alice")
-    alice.call("subscribe", {"channel": channel}, timeout=10)
-    wait_until(lambda: {"channel": channel, "user": "alice"} in watcher.events("join"))
-    presence = watcher.call("presence", {"channel": channel}, timeout=10)
-    assert presence == {"ok": True, "members": [{"user": "alice", "connections": 1},
-                                                {"user": "watcher", "connections": 1}]}
-    assert api(single_node, "GET", f"/api/presence/{channel}")[1] == {
-        "members": presence["members"]}
-    alice.call("publish", {"channel": channel, "data": "hello"}, timeout=10)
-    history = watcher.call("history", {"channel": channel, "limit": 5}, timeout=10)
-    assert [(p["data"], p["user"]) for p in history["publications"]] == [("hello", "alice")]
-    alice.disconnect()
-    wait_until(lambda: watcher.events("leave"), message="the leave event")
-    assert watcher.events("leave") == [{"channel": channel, "user": "alice"}]
-
-
 def test_api_disconnect_closes_every_connection_of_the_user(single_node, clients):
     user = "victim-" + single_node.node_id
     victims = [connect_client(single_node.url, t, user) for t in TRANSPORTS]
@@ -110,16 +32,6 @@ def test_api_disconnect_closes_every_connection_of_the_user(single_node, clients
         200, {"disconnected": 2})
     wait_until(lambda: not any(v.connected for v in victims), message="victims to drop")
     assert bystander.call("history", {"channel": "any"}, timeout=10)["ok"]
-
-
-def test_unknown_events_and_bad_payloads_get_error_acks(single_node, clients):
-    client = connect_client(single_node.url, "websocket", "alice")
-    clients.append(client)
-    assert client.call("frobnicate", {"x": 1}, timeout=10)["error"]["code"] == "bad_request"
-    assert client.call("subscribe", "room", timeout=10)["error"]["code"] == "bad_request"
-    too_big = {"channel": "c", "data": "x" * 70000}
-    assert client.call("publish", too_big, timeout=10)["error"]["code"] == "too_large"
-    assert client.call("subscribe", {"channel": "still-fine"}, timeout=10)["ok"]
 
 
 def raw_socketio(node) -> websocket.WebSocket:
@@ -166,15 +78,6 @@ def test_unknown_engineio_packet_types_close_the_connection(single_node):
     assert ws.recv().startswith('431[{"ok":true')
     ws.send("9whatever")
     assert closed_by_server(ws)
-
-
-def test_oversize_frames_close_the_connection(single_node, clients):
-    bystander = connect_client(single_node.url, "polling", "bystander")
-    clients.append(bystander)
-    ws = raw_socketio(single_node)
-    ws.send("42" + json.dumps(["publish", {"channel": "c", "data": "x" * 200_000}]))
-    assert closed_by_server(ws)
-    assert bystander.call("subscribe", {"channel": "after-big"}, timeout=10)["ok"]
 
 
 def test_pages_and_the_client_bundle_are_served(single_node):
