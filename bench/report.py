@@ -42,6 +42,12 @@ def summarize(scenario: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any
     if scenario == "capacity":
         return {part: median_records([run[part] for run in good if part in run])
                 for part in ("one_node", "cluster") if any(part in run for run in good)}
+    if scenario == "browser":
+        variants: list[str] = []
+        for run in good:
+            variants += [name for name in run if name not in variants]
+        return {name: median_records([run[name] for run in good if name in run])
+                for name in variants}
     summary = median_records(good)
     if scenario == "idle":
         summary["memory_curve"] = good[len(good) // 2]["memory_curve"]
@@ -94,7 +100,7 @@ def step_at(summary: Mapping[str, Any] | None, rate: float) -> dict[str, Any] | 
 # -- the issue's targets ----------------------------------------------------------------------
 
 
-def _target(number: int, name: str, goal: str, measured: str, passed: bool | None,
+def _target(number: int | str, name: str, goal: str, measured: str, passed: bool | None,
             margin: str) -> dict[str, Any]:
     return {"number": number, "target": name, "goal": goal, "measured": measured,
             "pass": passed, "margin": margin}
@@ -232,6 +238,40 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     else:
         targets.append(_target(7, "personal notifications (10,000 user channels)",
                                "reported against the peers", "not measured", None, ""))
+    targets += browser_targets(summary("browser"))
+    return targets
+
+
+def browser_targets(browser: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The session issue's targets, from the browser scenario (numbered B1-B4)."""
+    ws, default = (browser or {}).get("websocket-json"), (browser or {}).get("default-json")
+    ws_msgpack = (browser or {}).get("websocket-msgpack")
+    rows = [
+        ("B1", "default start after upgrade: server CPU per delivery", "cpu_us_per_delivery",
+         default, ws, 1.15, "µs"),
+        ("B2", "default start after upgrade: memory per connection", "kb_per_connection",
+         default, ws, 1.25, "KB"),
+        ("B3", "connects (+ upgrades), browser_concurrency at a time", "connect_s",
+         default, ws, 2.0, "s"),
+        ("B4", "msgpack clients: server CPU per delivery", "cpu_us_per_delivery",
+         ws_msgpack, ws, 1.1, "µs"),
+    ]
+    targets = []
+    for number, name, key, measured, baseline, limit, unit in rows:
+        base = "JSON clients" if number == "B4" else "WebSocket-first"
+        goal = f"≤ {limit:g}x {base}"
+        got, ref = (measured or {}).get(key), (baseline or {}).get(key)
+        if not isinstance(got, int | float) or not isinstance(ref, int | float) or not ref:
+            targets.append(_target(number, name, goal, "not measured (needs the browser "
+                                   "scenario)", None, ""))
+            continue
+        ratio = got / ref
+        lost = (measured or {}).get("lost", 0) + (measured or {}).get("reordered", 0) + (
+            measured or {}).get("duplicated", 0)
+        targets.append(_target(
+            number, name, goal, f"{got:.2f} vs {ref:.2f} {unit} = {ratio:.2f}x"
+            + (f" ({lost} lost/reordered/duplicated)" if lost else ""),
+            ratio <= limit and not lost, _over(ratio, limit)))
     return targets
 
 
@@ -466,6 +506,26 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                           f"{s['rss_before_mb']} → {s['rss_after_mb']}"])
         lines += _table(["target", "concurrent loops", "cycles/s", "errors", "cycle p50 ms",
                          "cycle p99 ms", "server CPU ms/cycle", "node RSS MB"], table)
+
+    browser = (scenarios.get("browser", {}).get("realtime") or {}).get("summary")
+    if browser and "error" not in browser:
+        lines += ["## Browser clients (realtime)", "",
+                  "The official socket.io-client in Node, one fresh node per variant: "
+                  "`default` is the client's default start (long-polling, then the upgrade), "
+                  "`websocket` is `transports: ['websocket']`; `msgpack` uses "
+                  "socket.io-msgpack-parser. Latency is measured against the Node client's "
+                  "own clock and event loop: informative only.", ""]
+        table = []
+        for name, v in browser.items():
+            table.append([name, f"{_fmt(v.get('connected'))}/{_fmt(v.get('clients'))}",
+                          _fmt(v.get("connect_s"), 2), _fmt(v.get("connects_per_s")),
+                          _fmt(v.get("kb_per_connection"), 2),
+                          _fmt(v.get("cpu_us_per_delivery"), 2), _fmt(v.get("p50_ms"), 1),
+                          _fmt(v.get("p99_ms"), 1), _fmt(v.get("lost")),
+                          _fmt(v.get("duplicated")), _fmt(v.get("reordered"))])
+        lines += _table(["variant", "connected", "connect s", "connects/s",
+                         "KB per connection", "server CPU µs/delivery", "p50 ms", "p99 ms",
+                         "lost", "dup", "reordered"], table)
 
     errors = [(scenario, target, run["error"]) for scenario, by_target in scenarios.items()
               for target, data in by_target.items() for run in data.get("runs", [])

@@ -26,8 +26,10 @@ from typing import Any
 logger = logging.getLogger("bench.run")
 
 BENCH_DIR = Path(__file__).resolve().parent
-SCENARIOS = ("floor", "idle", "fanout", "notify", "cluster", "churn", "capacity")
-DEFAULT_SCENARIOS = ("floor", "idle", "fanout", "notify", "cluster", "churn")
+SCENARIOS = ("floor", "idle", "fanout", "notify", "cluster", "churn", "browser", "capacity")
+DEFAULT_SCENARIOS = ("floor", "idle", "fanout", "notify", "cluster", "churn", "browser")
+# Scenarios that measure realtime against itself (no peer runs them).
+REALTIME_ONLY = ("browser",)
 DEFAULT_RATES = "10,30,60,120,240,480,960"
 
 DESCRIPTION = """\
@@ -57,6 +59,11 @@ Scenarios (default: all but capacity):
             the HTTP API (and realtime's emitter) at --notify-rate, then as fast as they go.
   cluster   fanout through nginx in front of --cluster-nodes nodes.
   churn     connect, subscribe to user:<id>, disconnect, in loops, for --duration s.
+  browser   realtime only: --browser-clients official socket.io-client clients (Node) on one
+            node, with the default start (long-polling, then the upgrade) against WebSocket
+            first, and socket.io-msgpack-parser against the default parser, each variant on a
+            fresh node: connect time (--browser-concurrency at a time), KB per connection,
+            server CPU per delivery at --browser-rate publishes/s for --browser-duration s.
   capacity  --capacity-one-node connections on one node, then --capacity-cluster over
             --capacity-nodes nodes (needs the fd hard limit and several source addresses, which
             the load generator uses: 127.10.<worker>.<n>).
@@ -113,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="capacity connections over --capacity-nodes (default: 60000)")
     parser.add_argument("--capacity-nodes", type=_positive_int, default=4,
                         help="capacity cluster nodes (default: 4)")
+    parser.add_argument("--browser-clients", type=_positive_int, default=1000,
+                        help="browser scenario: official clients per variant (default: 1000)")
+    parser.add_argument("--browser-concurrency", type=_positive_int, default=50,
+                        help="browser scenario: clients connecting at a time (default: 50)")
+    parser.add_argument("--browser-rate", type=float, default=20.0,
+                        help="browser scenario: publishes/s (default: 20)")
+    parser.add_argument("--browser-duration", type=float, default=5.0,
+                        help="browser scenario: seconds of publishing (default: 5)")
     parser.add_argument("--churn-concurrency", type=_positive_int, default=50,
                         help="connect/disconnect loops per load generator worker (default: 50)")
     parser.add_argument("--stalled", type=int, default=4,
@@ -281,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         capacity_cluster=args.capacity_cluster, capacity_nodes=args.capacity_nodes,
         notify_users=args.notify_users, notify_rate=args.notify_rate,
         churn_concurrency=args.churn_concurrency, stalled=args.stalled,
+        browser_clients=args.browser_clients, browser_concurrency=args.browser_concurrency,
+        browser_rate=args.browser_rate, browser_duration=args.browser_duration,
         overload=not args.no_overload, memory_bound_mb=args.memory_bound_mb)
     if args.quick:
         _make_quick(settings, raw)
@@ -306,6 +323,9 @@ def _make_quick(settings: Any, argv: list[str]) -> None:
     unless("--capacity-one-node", "capacity_one_node", 100)
     unless("--capacity-cluster", "capacity_cluster", 200)
     unless("--workers", "workers", 1)
+    unless("--browser-clients", "browser_clients", 20)
+    unless("--browser-concurrency", "browser_concurrency", 10)
+    unless("--browser-duration", "browser_duration", 1.0)
     settings.floor_duration = 0.5
     settings.idle_hold = 0.5
     settings.notify_connections = 2
@@ -355,6 +375,8 @@ def run(settings: Any, command: str, stamp: datetime.datetime, *, install: bool)
                 continue
             by_target = results["scenarios"].setdefault(name, {})
             for run_index, target in scenarios.each_run(settings):
+                if name in REALTIME_ONLY and target != "realtime":
+                    continue
                 record = by_target.setdefault(target, {"runs": []})
                 workdir = logs / f"{name}-{target}-{run_index + 1}"
                 try:
@@ -412,6 +434,19 @@ def _run_scenario(bench: Any, name: str, target: str, workdir: Path,
             with targets.deployed(target, workdir / part, nodes) as deployment:
                 result[part] = scenarios.idle(bench, deployment, connections,
                                               name=f"capacity {part}")
+        return result
+    if name == "browser":
+        from bench import browser
+
+        missing = browser.driver_missing()
+        if missing:
+            raise RuntimeError(f"the browser driver cannot run: {missing}")
+        result = {}
+        for way, parser in browser.VARIANTS:
+            variant = browser.variant_name(way, parser)
+            with targets.deployed(target, workdir / variant, 1) as deployment:
+                result[variant] = browser.browser_variant(bench, deployment, way, parser,
+                                                          workdir)
         return result
     nodes = {"idle": 1, "cluster": settings.cluster_nodes}.get(name, settings.nodes)
     with targets.deployed(target, workdir, nodes, nginx=name == "cluster") as deployment:

@@ -73,6 +73,10 @@ class Settings:
     notify_rate: float = 1000.0
     notify_connections: int = 64
     churn_concurrency: int = 50
+    browser_clients: int = 1000
+    browser_concurrency: int = 50
+    browser_rate: float = 20.0
+    browser_duration: float = 5.0
     stalled: int = 4
     overload: bool = True
     memory_bound_mb: float = 256.0
