@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="browser scenario: publishes/s (default: 20)")
     parser.add_argument("--browser-duration", type=float, default=5.0,
                         help="browser scenario: seconds of publishing (default: 5)")
+    parser.add_argument("--browser-variants",
+                        default="websocket-json,default-json,websocket-msgpack,default-msgpack",
+                        help="browser scenario: <websocket|default>-<json|msgpack>, "
+                             "comma-separated (default: all four)")
     parser.add_argument("--churn-concurrency", type=_positive_int, default=50,
                         help="connect/disconnect loops per load generator worker (default: 50)")
     parser.add_argument("--stalled", type=int, default=4,
@@ -298,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         churn_concurrency=args.churn_concurrency, stalled=args.stalled,
         browser_clients=args.browser_clients, browser_concurrency=args.browser_concurrency,
         browser_rate=args.browser_rate, browser_duration=args.browser_duration,
+        browser_variants=[v.strip() for v in args.browser_variants.split(",") if v.strip()],
         overload=not args.no_overload, memory_bound_mb=args.memory_bound_mb)
     if args.quick:
         _make_quick(settings, raw)
@@ -444,6 +449,8 @@ def _run_scenario(bench: Any, name: str, target: str, workdir: Path,
         result = {}
         for way, parser in browser.VARIANTS:
             variant = browser.variant_name(way, parser)
+            if variant not in settings.browser_variants:
+                continue
             with targets.deployed(target, workdir / variant, 1) as deployment:
                 result[variant] = browser.browser_variant(bench, deployment, way, parser,
                                                           workdir)

@@ -77,6 +77,8 @@ class Settings:
     browser_concurrency: int = 50
     browser_rate: float = 20.0
     browser_duration: float = 5.0
+    browser_variants: list[str] = dataclasses.field(default_factory=lambda: [
+        "websocket-json", "default-json", "websocket-msgpack", "default-msgpack"])
     stalled: int = 4
     overload: bool = True
     memory_bound_mb: float = 256.0

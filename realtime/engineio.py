@@ -386,7 +386,7 @@ class EngineServer:
         # (up to 40 ms on Linux).
         with contextlib.suppress(OSError):  # not a TCP socket (a socket pair in tests)
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        transport = WebSocketTransport(session, sock, self.max_payload, probing=probe)
+        transport = WebSocketTransport(session, sock, self.max_payload)
         if probe:
             session.upgrade = transport
             self._upgrades[transport] = (session, time.monotonic() + UPGRADE_TIMEOUT)

@@ -8,11 +8,14 @@ of that form gets the same bytes: encoding costs once per codec per node, never 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .codecs import CODECS, Codec
 from .transports import polling, websocket
+
+logger = logging.getLogger(__name__)
 
 EngineIOPacket = str | bytes
 Wire = Any  # what a transport's write() takes: bytes (WebSocket), tuple of records (polling)
@@ -63,7 +66,7 @@ class EncodedEvent:
         wire = self.wires[form]
         if wire is None:
             codec_index, kind = divmod(form, len(TRANSPORT_ENCODERS))
-            wire = self.wires[form] = TRANSPORT_ENCODERS[kind]([self.message(codec_index)])
+            wire = self.wires[form] = TRANSPORT_ENCODERS[kind](_messages([self], codec_index))
         return wire
 
 
@@ -81,8 +84,24 @@ class EventBatch:
         if wire is None:
             codec_index, kind = divmod(form, len(TRANSPORT_ENCODERS))
             wire = self.wires[form] = TRANSPORT_ENCODERS[kind](
-                [event.message(codec_index) for event in self.events])
+                _messages(self.events, codec_index))
         return wire
+
+
+def _messages(events: Sequence[EncodedEvent], codec_index: int) -> list[EngineIOPacket]:
+    """The events' messages for one codec, leaving out (and logging) any that cannot be encoded.
+
+    Publications are checked to encode with every codec before they are accepted, so this only
+    happens to data that reached Redis some other way; it must not stop the fan-out.
+    """
+    messages = []
+    for event in events:
+        try:
+            messages.append(event.message(codec_index))
+        except Exception:
+            logger.exception("a %r event cannot be encoded for %s clients, who do not get it",
+                             event.name, CODECS[codec_index].name)
+    return messages
 
 
 OutboundFrame = EncodedEvent | EventBatch

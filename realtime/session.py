@@ -27,7 +27,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import sys
 import time
+import types
 import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -71,24 +73,33 @@ def parse_query(query_string: str) -> dict[str, str]:
     return query
 
 
+# What a connected session keeps of its request's headers and query (nothing): one shared,
+# read-only mapping instead of two empty dicts per session.
+_NOTHING: Mapping[str, str] = types.MappingProxyType({})
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class RequestContext:
     """The HTTP request a session started with.
 
-    ``headers`` (lower-case names) are kept until the connect hook has run, then dropped: a
-    node holds thousands of idle sessions and most headers are of no use after connect.
+    ``headers`` (lower-case names) and ``query`` are kept until the connect hook has run, then
+    dropped: a node holds thousands of idle sessions and none of that is used after connect.
+    ``peer`` and ``origin`` are interned, so sessions from the same address (every session,
+    behind a proxy) share one string.
     """
 
     peer: str
     origin: str | None
-    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    query: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    headers: Mapping[str, str] = dataclasses.field(default_factory=lambda: _NOTHING)
+    query: Mapping[str, str] = dataclasses.field(default_factory=lambda: _NOTHING)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, Any]) -> RequestContext:
         headers = {key[5:].lower().replace("_", "-"): value
                    for key, value in environ.items() if key.startswith("HTTP_")}
-        return cls(environ.get("REMOTE_ADDR") or "", headers.get("origin"), headers,
+        origin = headers.get("origin")
+        return cls(sys.intern(environ.get("REMOTE_ADDR") or ""),
+                   sys.intern(origin) if origin else None, headers,
                    parse_query(environ.get("QUERY_STRING", "")))
 
     def after_connect(self) -> RequestContext:
@@ -313,6 +324,7 @@ class Session:
                     logger.info("connect of %r refused: %s", self, exc.message)
                 return
             self.request = self.request.after_connect()
+            self.opened_at = 0.0  # only the connect timeout needed it: a shared constant now
         self.write_socketio(Packet(PacketType.CONNECT, NAMESPACE, {"sid": self.client_id}))
 
     def _handle_publishes(self, first: tuple) -> None:
@@ -373,7 +385,6 @@ class Session:
             raise PacketError("upgrade of a session that is not on long-polling")
         leftovers = polling.detach()
         self.upgrade = None
-        websocket.probing = False  # type: ignore[attr-defined]
         self.attach(websocket)
         if leftovers:
             # Whatever no GET took leaves first, as WebSocket frames, in order.

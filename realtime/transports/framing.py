@@ -98,6 +98,12 @@ class FrameParser:
         """Bytes held for a frame or a fragmented message that is not complete yet."""
         return len(self._buffer or b"") + self._fragment_size
 
+    @property
+    def incomplete(self) -> bool:
+        """True while a frame or a fragmented message is only partly fed (or after a close):
+        the parser's state must then be kept for the next feed."""
+        return self._buffer is not None or self._fragments is not None or self._closed
+
     def feed(self, data: bytes) -> list[tuple[int, str | bytes]]:
         """Parse ``data`` (following whatever was fed before); the complete items in it."""
         if self._closed:

@@ -8,8 +8,8 @@ block do bytes wait in a buffer, which a write watcher flushes in ONE ``send`` h
 frames it holds.
 
 The same transport serves clients that open a WebSocket straight away and clients that upgrade
-from long-polling: while an upgrade is being probed it reports to the session's probe handler
-instead (:meth:`realtime.session.Session.on_probe_packet`).
+from long-polling: while it is the session's ``upgrade`` being probed it reports to the
+session's probe handler instead (:meth:`realtime.session.Session.on_probe_packet`).
 """
 
 from __future__ import annotations
@@ -59,21 +59,21 @@ class WebSocketTransport:
     kind = WEBSOCKET
     name = "websocket"
 
-    __slots__ = ("session", "sock", "parser", "reader", "writer", "outbuf", "outsize", "closed",
-                 "probing")
+    __slots__ = ("session", "sock", "max_message", "parser", "reader", "writer", "outbuf",
+                 "outsize", "closed")
 
-    def __init__(self, session: Session, sock: _socket.socket, max_message: int, *,
-                 probing: bool = False) -> None:
+    def __init__(self, session: Session, sock: _socket.socket, max_message: int) -> None:
         self.session = session
         self.sock = sock
-        self.parser = FrameParser(max_message)
+        self.max_message = max_message
+        # Only while a frame or a fragmented message is incomplete: an idle connection holds
+        # no parser state (a node holds thousands of idle connections).
+        self.parser: FrameParser | None = None
         self.reader = gevent.get_hub().loop.io(sock.fileno(), _READ)
         self.writer = None
         self.outbuf: list[bytes] | None = None
         self.outsize = 0
         self.closed = False
-        # True while this socket is an upgrade being probed: packets go to the probe handler.
-        self.probing = probing
 
     def __repr__(self) -> str:
         return f"<WebSocketTransport fd={self.sock.fileno()}>"
@@ -153,15 +153,19 @@ class WebSocketTransport:
         if not data:
             self._lost("transport close")
             return
+        parser = self.parser or FrameParser(self.max_message)
         try:
-            for opcode, payload in self.parser.feed(data):
+            items = parser.feed(data)
+            self.parser = parser if parser.incomplete else None
+            for opcode, payload in items:
                 if self.closed:
                     return
                 if opcode in (OP_TEXT, OP_BINARY):
-                    if self.probing:
-                        self.session.on_probe_packet(self, payload)
+                    session = self.session
+                    if session.upgrade is self:  # an upgrade being probed
+                        session.on_probe_packet(self, payload)
                     else:
-                        self.session.on_packet(payload)
+                        session.on_packet(payload)
                 elif opcode == OP_PING:
                     self.write(frame(payload, OP_PONG))
                 elif opcode == OP_CLOSE:

@@ -132,3 +132,15 @@ def test_a_batch_is_one_write_on_websocket_and_one_record_per_event_on_polling()
         e.build(wire_form(JSON, WEBSOCKET)) for e in events)
     assert batch.build(wire_form(MSGPACK, POLLING)) == tuple(
         e.build(wire_form(MSGPACK, POLLING))[0] for e in events)
+
+
+def test_an_event_one_codec_cannot_encode_is_left_out_for_that_codec_only(caplog):
+    # Data that never passed the publish checks (written to Redis by something else):
+    # msgpack cannot encode an integer past 64 bits; JSON can.
+    event = EncodedEvent("message", {"data": 2 ** 70})
+    assert event.build(wire_form(MSGPACK, WEBSOCKET)) == b""
+    assert event.build(wire_form(MSGPACK, POLLING)) == ()
+    assert b"1180591620717411303424" in event.build(wire_form(JSON, WEBSOCKET))
+    assert "cannot be encoded for msgpack clients" in caplog.text
+    batch = EventBatch([event, EncodedEvent("message", 1)])
+    assert len(batch.build(wire_form(MSGPACK, POLLING))) == 1

@@ -239,3 +239,17 @@ def test_a_user_id_that_is_not_valid_unicode_is_anonymous(realtime):
     client = SessionClient(realtime.engine, JSON)
     client.connect({"user": "\udc00"})
     assert client.session.user.startswith("anon-")
+
+
+def test_a_connected_session_keeps_only_the_peer_and_origin_of_its_request(realtime):
+    from realtime.session import RequestContext
+
+    request = RequestContext.from_environ({
+        "REMOTE_ADDR": "10.0.0.7", "HTTP_ORIGIN": "http://app.example",
+        "HTTP_COOKIE": "token=secret", "QUERY_STRING": "EIO=4&transport=polling&x=%41"})
+    assert request.headers["cookie"] == "token=secret" and request.query["x"] == "A"
+    client = SessionClient(realtime.engine, JSON, request)
+    client.connect({"user": "alice"})
+    kept = client.session.request
+    assert (kept.peer, kept.origin) == ("10.0.0.7", "http://app.example")
+    assert dict(kept.headers) == {} and dict(kept.query) == {}

@@ -261,3 +261,15 @@ def test_the_client_closing_is_quiet_and_forgotten(open_peer, realtime, caplog):
     wait_until(lambda: realtime.node.hub.get(session.client_id) is None)
     assert session.sid not in realtime.engine.sessions
     assert "closed" not in caplog.text
+
+
+def test_an_idle_connection_holds_no_parser_state(open_peer):
+    peer, session = connected(open_peer)
+    transport = session.transport
+    assert transport.parser is None
+    whole = client_frame('421["history",{"channel":"c"}]')
+    peer.send(whole[:5])  # half a frame: the parser keeps it
+    wait_until(lambda: transport.parser is not None)
+    peer.send(whole[5:])
+    assert peer.text().startswith("43")
+    assert transport.parser is None
