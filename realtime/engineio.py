@@ -34,7 +34,12 @@ import gevent
 from .codecs import PacketError, dumps
 from .config import Config
 from .session import RequestContext, Session, parse_query
-from .transports.framing import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG
+from .transports.framing import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+)
 from .transports.polling import PollingOverlap, PollingTransport, body_limit
 from .transports.websocket import WebSocketTransport, encode_packets
 
@@ -170,8 +175,14 @@ class EngineServer:
             for session in self._wheel.pop(second):
                 if session.closed:
                     self._forget(session)  # a long-polling session whose close went unread
-                else:
+                    continue
+                try:
                     session.check_heartbeat(now)
+                except Exception:
+                    # One session's failure must not cost the others of this second their
+                    # visit (they are off the wheel now): close it, and carry on.
+                    logger.exception("heartbeat of %r failed; closing it", session)
+                    session.close("internal error", code=CLOSE_INTERNAL_ERROR)
         for probe, (session, deadline) in list(self._upgrades.items()):
             if session.upgrade is not probe:
                 del self._upgrades[probe]

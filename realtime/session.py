@@ -260,8 +260,9 @@ class Session:
         self.attachments -= 1
         if not self.attachments and self.attachment_ack_id is not None:
             # Publications are JSON: an event with binary attachments is answered like any
-            # other bad argument, once its attachments are in.
-            self._enqueue(("event", "", [b""], self.attachment_ack_id))
+            # other bad argument, once its attachments are in (and in its turn).
+            error = BadRequest("binary data is not supported: event arguments are JSON")
+            self._enqueue(("reply", NAMESPACE, self.attachment_ack_id, error_ack(error)))
             self.attachment_ack_id = None
 
     # -- handling client events, one greenlet at a time per session -------------------------

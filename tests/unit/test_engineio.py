@@ -13,6 +13,7 @@ import pytest
 
 from realtime.app import create_app
 from realtime.config import Config
+from realtime.session import Session
 from realtime.transports.polling import MAX_PACKETS_PER_RESPONSE, decode_payload
 from realtime.transports.websocket import WebSocketTransport
 from tests.helpers import wait_until
@@ -258,6 +259,25 @@ def test_a_polling_client_that_stops_fetching_is_cut_at_the_outbound_limit(realt
     assert session.closed and "slow" in caplog.text
     assert session.transport.queued < 4096 + 1000  # cut as the limit was passed
     wait_until(lambda: realtime.node.hub.get(session.client_id) is None)
+
+
+def test_a_heartbeat_that_fails_closes_its_session_and_spares_the_others(realtime, monkeypatch,
+                                                                         caplog):
+    broken, fine = connected(realtime, "broken"), connected(realtime, "fine")
+    engine = realtime.engine
+    due = max(broken.session.next_ping, fine.session.next_ping)
+
+    original = Session.check_heartbeat
+
+    def explode_for_one(session, now):
+        if session is broken.session:
+            raise RuntimeError("boom")
+        original(session, now)
+
+    monkeypatch.setattr(Session, "check_heartbeat", explode_for_one)
+    engine._tick(due + 1)
+    assert broken.session.closed and "heartbeat of" in caplog.text
+    assert not fine.session.closed and fine.session.awaiting_pong  # pinged all the same
 
 
 # -- upgrades ----------------------------------------------------------------------------------

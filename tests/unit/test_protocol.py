@@ -199,6 +199,7 @@ def test_binary_data_is_not_json(connect, codec):
             ack_id=7, attachments=1))
         client.session.on_packet(b"\x00\x01")
         ack = client.wait_ack(7)
+        assert "binary data is not supported" in ack["error"]["message"]
     else:
         ack = client.emit("publish", {"channel": "c", "data": b"\x00\x01"})
     assert ack["error"]["code"] == "bad_request"
