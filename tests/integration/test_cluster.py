@@ -21,6 +21,14 @@ NODES = ("n1", "n2", "n3")
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     cluster = LocalCluster(workdir=tmp_path_factory.mktemp("cluster"), nodes=3).start()
+
+    def every_node_sees_every_node() -> bool:
+        return all(len(requests.get(f"{url}/api/info", timeout=5).json()["nodes"]) == 3
+                   for url in cluster.node_urls.values())
+
+    # Nodes learn of each other from heartbeats (every 2 s); a cluster-wide count such as
+    # /api/disconnect's includes only the nodes heard of.
+    wait_until(every_node_sees_every_node, timeout=15, message="nodes to hear of each other")
     yield cluster
     cluster.stop()
 
