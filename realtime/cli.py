@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from .config import LOG_LEVELS, Config, ConfigError
+from .config import ENV_PREFIX, LOG_LEVELS, Config, ConfigError
 
 if TYPE_CHECKING:
     from .cluster import LocalCluster
@@ -29,15 +29,55 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run one node (the default command)",
         description="Run one node. Every flag also reads REALTIME_<FLAG> from the environment "
                     "(e.g. REALTIME_PORT); flags win over the environment, which wins over the "
-                    "--config file, which wins over the defaults.")
+                    "--config file, which wins over the defaults. Secrets can come from files: "
+                    "--jwt-secret-file, REALTIME_JWT_SECRET_FILE, ...")
     serve.add_argument("--config", metavar="FILE", help="TOML file with configuration keys")
-    for field in Config.fields():
-        flag = "--" + field.name.replace("_", "-")
-        kind = {"int": int, "float": float}.get(str(field.type), str)
-        serve.add_argument(flag, dest=field.name, type=kind, default=None,
-                           metavar=field.name.upper(), help=field.metadata.get("help"))
+    add_config_flags(serve)
     _add_cluster_parser(commands)
     return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None,
+                     ) -> None:
+    """A flag per config field (of ``sections`` only, when given), grouped by section."""
+    groups = {"": parser}
+    for section in ("auth", "limits"):
+        groups[section] = parser.add_argument_group(
+            {"auth": "authentication and the HTTP API", "limits": "limits"}[section])
+    for field in Config.fields():
+        section = field.metadata["section"]
+        if sections is not None and section not in sections:
+            continue
+        group = groups[section]
+        flag = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+        kind = str(field.type)
+        help_text = field.metadata.get("help")
+        if kind == "bool":
+            group.add_argument(flag, dest=field.name, action="store_const", const=True,
+                               default=None, help=help_text)
+        elif kind.startswith("list"):
+            group.add_argument(flag, dest=field.name, action="append", default=None,
+                               metavar=field.name.upper().rstrip("S"), help=help_text)
+        else:
+            group.add_argument(flag, dest=field.name, default=None,
+                               type={"int": int, "float": float}.get(kind, str),
+                               metavar=field.name.upper(), help=help_text)
+        if field.metadata["secret"]:
+            group.add_argument("--" + field.name.replace("_", "-") + "-file",
+                               dest=field.name + "_file", default=None, metavar="FILE",
+                               help=f"read {field.name} from FILE"
+                                    + (" (one per line)" if kind.startswith("list") else ""))
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The config fields (and secret files) given on the command line."""
+    overrides: dict[str, object] = {}
+    for field in Config.fields():
+        for name in (field.name, field.name + "_file"):
+            value = getattr(args, name, None)
+            if value is not None:
+                overrides[name] = value
+    return overrides
 
 
 def _add_cluster_parser(commands: argparse._SubParsersAction) -> None:
@@ -70,6 +110,7 @@ def _add_cluster_parser(commands: argparse._SubParsersAction) -> None:
                               "removed on exit)")
     cluster.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                          help="logging level of this command (default: info)")
+    add_config_flags(cluster, sections=("auth",))
     cluster.add_argument("node_args", nargs="*", metavar="-- NODE_FLAGS",
                          help="flags for every node's `run.py serve`")
 
@@ -101,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["serve", *argv]
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        overrides = {field.name: getattr(args, field.name) for field in Config.fields()}
+        overrides = config_overrides(args)
         try:
             config = Config.load(overrides, config_file=args.config)
             configure_logging(config.log_level)
@@ -142,8 +183,10 @@ def run_cluster(args: argparse.Namespace) -> int:
 
     previous = {signum: signal.signal(signum, request_stop)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
+    node_flags, node_env = node_auth_settings(args)
     cluster = LocalCluster(workdir=workdir, nodes=args.nodes, port=args.port,
-                           redis_url=args.redis, node_args=args.node_args, host=args.host)
+                           redis_url=args.redis, node_args=[*node_flags, *args.node_args],
+                           node_env=node_env, host=args.host)
     try:
         try:
             cluster.start(abort=stop_requested.is_set)
@@ -171,6 +214,29 @@ def run_cluster(args: argparse.Namespace) -> int:
             signal.signal(signum, handler)
         if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def node_auth_settings(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The auth settings given to ``run.py cluster``, for every node: (flags, environment).
+
+    Secrets travel in the nodes' environment (``REALTIME_JWT_SECRET``, ...), never on their
+    command lines, which any user of the machine can read.
+    """
+    flags: list[str] = []
+    env: dict[str, str] = {}
+    auth = {f.name: f for f in Config.fields() if f.metadata["section"] == "auth"}
+    for name, value in config_overrides(args).items():
+        field = auth.get(name.removesuffix("_file"))
+        if field is None:  # the cluster's own --host, --port, --log-level
+            continue
+        if field.metadata["secret"]:
+            env[ENV_PREFIX + name.upper()] = ",".join(value) if isinstance(value, list) \
+                else str(value)
+        elif value is True:
+            flags.append("--" + name.replace("_", "-"))
+        else:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags, env
 
 
 def _print_cluster(cluster: LocalCluster, removed_on_exit: bool) -> None:

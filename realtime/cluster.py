@@ -322,6 +322,7 @@ class LocalCluster:
         port: int = 0,
         redis_url: str | None = None,
         node_args: Sequence[str] = (),
+        node_env: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         ready_timeout: float = READY_TIMEOUT,
         proxy_timeout: str = DEFAULT_PROXY_TIMEOUT,
@@ -337,6 +338,9 @@ class LocalCluster:
         # Whether start() runs a redis-server of its own (False: redis_url is somebody else's).
         self.owns_redis = redis_url is None
         self.node_args = list(node_args)
+        # Variables every node gets on top of this process's environment: secrets go here,
+        # where other users of the machine cannot read them (a command line they can).
+        self.node_env = dict(node_env or {})
         self.host = host
         self.ready_timeout = ready_timeout
         self.proxy_timeout = proxy_timeout
@@ -463,7 +467,7 @@ class LocalCluster:
         argv = [sys.executable, str(RUN_PY), "serve", "--host", self.host, "--port", str(port),
                 "--node-id", node_id, "--broker", str(self.redis_url), *self.node_args]
         child = Child("node", f"node {node_id}", argv, self.workdir / f"{node_id}.log", url=url,
-                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                      env={**os.environ, **self.node_env, "PYTHONUNBUFFERED": "1"})
         self.children.append(child)
         self.node_urls[node_id] = url
         return child

@@ -192,12 +192,19 @@ class ClientProtocol:
         return {"members": [m.to_dict() for m in self.node.presence(channel)]}
 
 
+# No channel keeps more publications than this; a larger history limit is a bad request, not
+# something to hand to Redis (which refuses integers past 2^63 as an error that reads like an
+# outage).
+MAX_HISTORY_LIMIT = 1_000_000
+
+
 def parse_limit(limit: object) -> int | None:
-    """A history ``limit``: absent/None for all kept, else a non-negative integer."""
+    """A history ``limit``: absent/None for all kept, else an integer 0..MAX_HISTORY_LIMIT."""
     if limit is None:
         return None
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise BadRequest("limit must be a non-negative integer")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not \
+            0 <= limit <= MAX_HISTORY_LIMIT:
+        raise BadRequest(f"limit must be an integer from 0 to {MAX_HISTORY_LIMIT}")
     return limit
 
 

@@ -35,7 +35,7 @@ def test_bad_values_name_the_field(environ, message):
 def test_unknown_file_keys_and_unreadable_files(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("colour = 'blue'\n")
-    with pytest.raises(ConfigError, match="unknown configuration keys: colour"):
+    with pytest.raises(ConfigError, match="unknown configuration key 'colour'"):
         Config.load(environ={}, config_file=str(bad))
     with pytest.raises(ConfigError, match="cannot read"):
         Config.load(environ={}, config_file=str(tmp_path / "missing.toml"))
@@ -58,3 +58,94 @@ def test_allowed_origins():
     assert Config(allowed_origins="*").cors_allowed_origins == "*"
     assert Config(allowed_origins="http://a, http://b").cors_allowed_origins == ["http://a",
                                                                                   "http://b"]
+
+
+def test_sections_secrets_from_files_and_lists(tmp_path):
+    secret = tmp_path / "jwt-secret"
+    secret.write_text("s3cret\n")
+    keys = tmp_path / "api-keys"
+    keys.write_text("# the keys of the two backends\nkey-one\n\nkey-two\n")
+    config_file = tmp_path / "realtime.toml"
+    config_file.write_text(
+        f'[auth]\njwt_secret_file = "{secret}"\njwt-audience = "realtime"\n'
+        'allow_anonymous = true\n[limits]\nmax_subscriptions = 12\nevents_per_second = 5\n')
+    config = Config.load(environ={"REALTIME_API_KEYS_FILE": str(keys)},
+                         config_file=str(config_file))
+    assert config.jwt_secret == "s3cret" and config.jwt_audience == "realtime"
+    assert config.allow_anonymous is True and config.jwt_configured
+    assert config.api_keys == ["key-one", "key-two"]
+    assert config.max_subscriptions == 12 and config.events_per_second == 5.0
+    assert "s3cret" not in repr(config) and "key-one" not in repr(config)
+
+
+def test_environment_lists_and_booleans():
+    config = Config.load(environ={"REALTIME_API_KEYS": "a, b", "REALTIME_ALLOW_ANONYMOUS": "1",
+                                  "REALTIME_JWT_SECRET": "x"})
+    assert config.api_keys == ["a", "b"] and config.allow_anonymous is True
+    with pytest.raises(ConfigError, match="allow_anonymous must be true or false"):
+        Config.load(environ={"REALTIME_ALLOW_ANONYMOUS": "maybe"})
+
+
+def test_a_later_layer_wins_even_between_a_value_and_a_file(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("from-file")
+    config = Config.load({"jwt_secret_file": str(secret)},
+                         environ={"REALTIME_JWT_SECRET": "from-env"})
+    assert config.jwt_secret == "from-file"
+    with pytest.raises(ConfigError, match="not both"):
+        Config.load({"jwt_secret": "a", "jwt_secret_file": str(secret)}, environ={})
+
+
+@pytest.mark.parametrize("layers,message", [
+    ({"jwt_secret": "a", "jwt_jwks_url": "https://x/jwks"}, "give one of"),
+    ({"jwt_previous_secret": "a"}, "needs jwt_secret"),
+    ({"jwt_public_key": "/no/such/key.pem"}, "no such file"),
+    ({"jwt_jwks_url": "file:///etc/passwd"}, "http"),
+    ({"trusted_proxies": "not-an-address"}, "trusted_proxies"),
+    ({"api_keys": ["good", ""]}, "api_keys"),
+    ({"max_subscriptions": 0}, "max_subscriptions"),
+    ({"jwt_secret_file": "/no/such/file"}, "cannot read jwt_secret_file"),
+])
+def test_bad_auth_and_limit_settings_are_refused(layers, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.load(layers, environ={})
+
+
+def test_namespaces_come_from_the_file_and_keep_their_built_in_rules(tmp_path):
+    config_file = tmp_path / "realtime.toml"
+    config_file.write_text('[namespaces.news]\nsubscribe = "authenticated"\npublish = "server"\n'
+                           'history_size = 10\n[namespaces.private]\npresence = false\n')
+    config = Config.load(environ={}, config_file=str(config_file))
+    assert config.namespace("news").subscribe == "authenticated"
+    assert config.namespace("news").history_size == 10
+    # an option set on a built-in namespace leaves its other rules as they are
+    assert config.namespace("private").subscribe == "granted"
+    assert config.namespace("private").presence is False
+    assert config.namespace("chat").join_leave is True
+    assert config.namespace("anything-else").join_leave is False
+    assert config.namespace("user").subscribe == "owner"
+
+
+@pytest.mark.parametrize("table,message", [
+    ('[namespaces.news]\nsubscribe = "everybody"\n', "subscribe must be one of"),
+    ('[namespaces.news]\ncolour = "red"\n', "unknown options colour"),
+    ('[namespaces.news]\nhistory_size = 0\n', "history_size"),
+    ('[namespaces."bad name"]\npresence = true\n', "namespace name"),
+    ('[auth]\nmax_subscriptions = 3\n', "in \\[auth\\]"),
+])
+def test_bad_namespace_and_section_tables_are_refused(tmp_path, table, message):
+    config_file = tmp_path / "realtime.toml"
+    config_file.write_text(table)
+    with pytest.raises(ConfigError, match=message):
+        Config.load(environ={}, config_file=str(config_file))
+
+
+def test_the_cluster_command_gives_nodes_secrets_in_their_environment_only():
+    from realtime.cli import node_auth_settings
+
+    args = build_parser().parse_args(
+        ["cluster", "--jwt-secret", "s3cret", "--api-key", "k1", "--api-key", "k2",
+         "--jwt-audience", "realtime", "--allow-anonymous"])
+    flags, env = node_auth_settings(args)
+    assert flags == ["--jwt-audience", "realtime", "--allow-anonymous"]
+    assert env == {"REALTIME_JWT_SECRET": "s3cret", "REALTIME_API_KEYS": "k1,k2"}
