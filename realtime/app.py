@@ -7,6 +7,7 @@ The WSGI application it builds sends ``/socket.io/`` to the Engine.IO server
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -14,10 +15,9 @@ from pathlib import Path
 from flask import Flask, abort, send_from_directory
 
 from .backends import create_broker, create_presence_store
-from .channels import ChannelPolicy
 from .config import Config
 from .engineio import PATH as ENGINEIO_PATH
-from .engineio import EngineServer
+from .engineio import EngineServer, host_allowed
 from .http_api import create_api_blueprint, register_error_handlers
 from .node import Node
 from .protocol import ClientProtocol
@@ -41,6 +41,10 @@ class Realtime:
     config: Config
 
     def start(self) -> None:
+        if not self.config.jwt_configured:
+            logger.warning("no JWT key is configured: connections are anonymous and each is "
+                           "who its auth.user says, unverified (development mode; see the "
+                           "README's Authentication section)")
         self.node.start()
         self.engine.start()
 
@@ -54,6 +58,12 @@ class Realtime:
         WebSocket upgrades need the raw socket, which WSGI does not give:
         :class:`realtime.server.RealtimeHandler` hands them to ``engine`` before this runs.
         """
+        if not host_allowed(environ, self.config.allowed_host_names):
+            body = json.dumps({"error": {"code": "bad_request",
+                                         "message": "this Host is not served here"}}).encode()
+            start_response("400 Bad Request", [("Content-Type", "application/json"),
+                                               ("Content-Length", str(len(body)))])
+            return [body]
         if environ.get("PATH_INFO", "").rstrip("/") == ENGINEIO_PATH:
             return self.engine.handle_http(environ, start_response)
         return self.app(environ, start_response)
@@ -69,8 +79,8 @@ def create_app(config: Config | None = None) -> Realtime:
     app.config["MAX_CONTENT_LENGTH"] = 2 * config.max_message_size + config.frame_overhead
     app.json.sort_keys = False
     node = Node(config, create_broker(config), create_presence_store(config))
-    engine = EngineServer(config, ClientProtocol(node, ChannelPolicy()))
-    app.register_blueprint(create_api_blueprint(node))
+    engine = EngineServer(config, ClientProtocol(node))
+    app.register_blueprint(create_api_blueprint(node, config))
     register_error_handlers(app)
     _register_pages(app, node, Path(config.static_dir))
     return Realtime(app, engine, node, config)

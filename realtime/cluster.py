@@ -158,8 +158,11 @@ def render_nginx_config(
         "upstream realtime_all {",
         "    least_conn;",
         *(f"    server {address};" for address in addresses),
-        "    # Idle connections kept open to the nodes for the `/` location.",
+        "    # Idle connections kept open to the nodes for the `/` location; nginx lets them go",
+        "    # before the nodes' --idle-timeout (60 s) does, so that it never sends a request",
+        "    # on a connection the node is closing.",
         "    keepalive 16;",
+        "    keepalive_timeout 50s;",
         "}",
     ]
     for node_id, address in nodes.items():

@@ -29,6 +29,7 @@ FRAME_OVERHEAD = 16 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("auth", "limits")
+MIN_HMAC_SECRET = 32
 SUBSCRIBE_RULES = ("anyone", "authenticated", "granted", "owner")
 PUBLISH_RULES = ("anyone", "subscribers", "authenticated", "server")
 
@@ -202,6 +203,11 @@ class Config:
                               f"{' and '.join(keys)}")
         if self.jwt_previous_secret and not self.jwt_secret:
             raise ConfigError("jwt_previous_secret needs jwt_secret")
+        for name in ("jwt_secret", "jwt_previous_secret"):
+            value = getattr(self, name)
+            if value and len(value.encode()) < MIN_HMAC_SECRET:
+                # RFC 7518 3.2: an HS256 key is at least as long as the hash (256 bits).
+                raise ConfigError(f"{name} must be at least {MIN_HMAC_SECRET} bytes")
         if self.jwt_public_key and not Path(self.jwt_public_key).is_file():
             raise ConfigError(f"jwt_public_key: no such file {self.jwt_public_key!r}")
         if self.jwt_jwks_url and not self.jwt_jwks_url.startswith(("http://", "https://")):

@@ -9,6 +9,8 @@ from typing import Any
 
 import msgpack
 
+from .errors import BadRequest
+
 CONTROL_VERSION = 1
 
 
@@ -17,8 +19,15 @@ class ControlMessageError(ValueError):
 
 
 def encode_control(sender: str, kind: str, **fields: Any) -> bytes:
-    """Pack a control message of ``kind`` from node (or emitter) ``sender``."""
-    return msgpack.packb({"v": CONTROL_VERSION, "node": sender, "t": kind, **fields})
+    """Pack a control message of ``kind`` from node (or emitter) ``sender``.
+
+    Raises :class:`~realtime.errors.BadRequest` when a field cannot be sent: a string that is
+    not valid Unicode (a user id with a lone surrogate, from the HTTP API or the emitter).
+    """
+    try:
+        return msgpack.packb({"v": CONTROL_VERSION, "node": sender, "t": kind, **fields})
+    except UnicodeEncodeError as exc:
+        raise BadRequest("strings must be valid Unicode (no lone surrogates)") from exc
 
 
 def decode_control(payload: bytes) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from typing import Any
 
 from .broker.base import HistoryOptions, StreamPosition
 from .broker.redis_streams import RedisStreams
-from .channels import validate_channel
+from .channels import ChannelPolicy, validate_channel
+from .config import Config
 from .control import encode_control
 from .errors import BadRequest
 from .payloads import check_publication_data
@@ -31,36 +32,46 @@ from .redis_support import (
 class Emitter:
     """Publishes, broadcasts and disconnects through Redis, like the HTTP API.
 
-    ``history_size``, ``history_ttl`` and ``max_message_size`` must match the nodes'
-    configuration (their defaults do). Errors are :class:`~realtime.errors.RealtimeError`:
-    ``BadRequest`` and ``TooLarge`` for bad input, ``Unavailable`` when Redis cannot be
-    reached within ``timeout`` seconds.
+    What a channel keeps (history size and TTL) and the largest data it takes must be what the
+    nodes use: pass their ``config`` (``Config.load(config_file=...)``, which carries the
+    namespaces' settings too), or, without namespaces of your own, ``history_size``,
+    ``history_ttl`` and ``max_message_size`` (their defaults are the nodes' defaults). Like the
+    HTTP API, the emitter is not subject to the client rules (who may publish where). Errors
+    are :class:`~realtime.errors.RealtimeError`: ``BadRequest`` and ``TooLarge`` for bad
+    input, ``Unavailable`` when Redis cannot be reached within ``timeout`` seconds.
     """
 
-    def __init__(self, url: str, *, history_size: int = 100, history_ttl: float = 300.0,
-                 max_message_size: int = 64 * 1024, timeout: float = 5.0,
-                 pool_size: int = 8) -> None:
+    def __init__(self, url: str, *, config: Config | None = None, history_size: int = 100,
+                 history_ttl: float = 300.0, max_message_size: int = 64 * 1024,
+                 timeout: float = 5.0, pool_size: int = 8) -> None:
         self._client = create_client(url, pool_size=pool_size, timeout=timeout)
         self._streams = RedisStreams(RedisPyScriptRunner(self._client))
-        self._history = HistoryOptions(size=history_size, ttl=history_ttl)
-        self._max_message_size = max_message_size
+        self._config = config or Config(history_size=history_size, history_ttl=history_ttl,
+                                        max_message_size=max_message_size)
+        self._channels = ChannelPolicy(self._config)
         self._sender = "emitter-" + secrets.token_hex(4)
+
+    def _checked(self, channel: str, data: Any) -> HistoryOptions:
+        """Validate ``channel`` and ``data`` as the nodes do; the channel's history options."""
+        validate_channel(channel)
+        rules = self._channels.rules(channel)
+        config = self._config
+        check_publication_data(data, rules.max_message_size or config.max_message_size)
+        return HistoryOptions(size=rules.history_size or config.history_size,
+                              ttl=rules.history_ttl or config.history_ttl)
 
     def publish(self, channel: str, data: Any) -> StreamPosition:
         """Publish ``data`` (a JSON value) on ``channel``; return its stream position."""
-        validate_channel(channel)
-        check_publication_data(data, self._max_message_size)
-        return self._streams.publish(channel, data, None, self._history)
+        history = self._checked(channel, data)
+        return self._streams.publish(channel, data, None, history)
 
     def broadcast(self, channels: list[str], data: Any) -> list[tuple[str, StreamPosition]]:
         """Publish the same ``data`` on each channel, in order; stops at the first failure."""
         if not isinstance(channels, list | tuple) or not channels:
             raise BadRequest("channels must be a non-empty list of channel names")
-        for channel in channels:
-            validate_channel(channel)
-        check_publication_data(data, self._max_message_size)
-        return [(channel, self._streams.publish(channel, data, None, self._history))
-                for channel in channels]
+        histories = [self._checked(channel, data) for channel in channels]
+        return [(channel, self._streams.publish(channel, data, None, history))
+                for channel, history in zip(channels, histories, strict=True)]
 
     def disconnect(self, user: str) -> None:
         """Disconnect every connection of ``user`` on every node.

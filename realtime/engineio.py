@@ -26,7 +26,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -68,6 +68,22 @@ def new_session_id(node_id: str) -> str:
     return f"{node_id}.{secrets.token_urlsafe(15)}"
 
 
+def host_allowed(environ: Mapping[str, Any], allowed: frozenset[str]) -> bool:
+    """True when the request's Host (without its port) is one of ``allowed`` (empty: any).
+
+    Behind a proxy that rewrites Host, list what the proxy sends; ``--allowed-hosts`` guards a
+    node reached under names it does not expect (DNS rebinding against a local node).
+    """
+    if not allowed:
+        return True
+    host = environ.get("HTTP_HOST", "").lower()
+    if host.startswith("["):  # [IPv6]:port
+        host = host[1:host.find("]")] if "]" in host else host
+    else:
+        host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return host in allowed
+
+
 class HandshakeError(Exception):
     """A request under /socket.io/ that is refused with a 4xx and a JSON error body."""
 
@@ -87,7 +103,15 @@ class EngineServer:
         self.ping_timeout = config.ping_timeout
         self.max_payload = config.max_message_size + config.frame_overhead
         self.max_outbound_buffer = config.max_outbound_buffer
+        # The per-session event budget (GCRA, see Session._spend_budget): one event every
+        # event_interval seconds, events_burst of them at once.
+        self.events_per_second = config.events_per_second
+        self.events_burst = config.events_burst
+        self.event_interval = 1.0 / config.events_per_second
+        self.event_tolerance = (config.events_burst - 1) * self.event_interval
         self.allowed_origins = config.cors_allowed_origins
+        self.allowed_hosts = config.allowed_host_names
+        self.trusted_proxies = config.trusted_proxy_networks
         self._open_fields = {"pingInterval": int(self.ping_interval * 1000),
                              "pingTimeout": int(self.ping_timeout * 1000),
                              "maxPayload": self.max_payload}
@@ -96,8 +120,12 @@ class EngineServer:
         self.cleanups: set[gevent.Greenlet] = set()
         # due second -> sessions to check then (pings, pong deadlines, connect timeouts)
         self._wheel: dict[int, list[Session]] = collections.defaultdict(list)
+        # due second (monotonic) -> sessions whose token expires then (see expire_at)
+        self._expiries: dict[int, list[Session]] = collections.defaultdict(list)
         # WebSockets being probed for an upgrade -> (session, deadline)
         self._upgrades: dict[WebSocketTransport, tuple[Session, float]] = {}
+        # Every WebSocket this node adopted; the closed ones leave at the next tick
+        self._websockets: set[WebSocketTransport] = set()
         self._ticker: gevent.Greenlet | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -120,6 +148,11 @@ class EngineServer:
     @property
     def session_count(self) -> int:
         return len(self.sessions)
+
+    @property
+    def websocket_count(self) -> int:
+        """WebSocket connections open on this node (those closed in the last second included)."""
+        return len(self._websockets)
 
     def new_session(self, request: RequestContext) -> Session:
         """A session for a client that started with ``request`` (not yet on a transport)."""
@@ -156,6 +189,23 @@ class EngineServer:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
 
+    def expire_at(self, session: Session, expires_at: float) -> None:
+        """Close ``session`` at ``expires_at`` (a token's exp, seconds since the epoch) unless
+        its identity has been refreshed by then. A transport close: the official client
+        reconnects, and asks its auth function for a fresh token."""
+        delay = expires_at - time.time()
+        self._expiries[int(time.monotonic() + max(0.0, delay)) + 1].append(session)
+
+    def _expire(self, now: float, wall: float | None = None) -> None:
+        """Close the sessions due by ``now`` (monotonic) whose token expired by ``wall``."""
+        wall = time.time() if wall is None else wall
+        for second in [s for s in self._expiries if s <= now]:
+            for session in self._expiries.pop(second):
+                identity = session.identity
+                if not session.closed and identity is not None and \
+                        identity.expires_at is not None and identity.expires_at <= wall:
+                    session.close("token expired", code=CLOSE_POLICY)
+
     # -- heartbeats ---------------------------------------------------------------------------
 
     def schedule(self, session: Session, when: float) -> None:
@@ -171,6 +221,7 @@ class EngineServer:
             gevent.sleep(1.0)
 
     def _tick(self, now: float) -> None:
+        self._websockets = {ws for ws in self._websockets if not ws.closed}
         for second in [s for s in self._wheel if s <= now]:
             for session in self._wheel.pop(second):
                 if session.closed:
@@ -183,6 +234,7 @@ class EngineServer:
                     # visit (they are off the wheel now): close it, and carry on.
                     logger.exception("heartbeat of %r failed; closing it", session)
                     session.close("internal error", code=CLOSE_INTERNAL_ERROR)
+        self._expire(now)
         for probe, (session, deadline) in list(self._upgrades.items()):
             if session.upgrade is not probe:
                 del self._upgrades[probe]
@@ -259,7 +311,7 @@ class EngineServer:
 
     def _open_polling(self, environ: dict, start_response: StartResponse,
                       cors: list[tuple[str, str]]) -> Iterable[bytes]:
-        session = self.new_session(RequestContext.from_environ(environ))
+        session = self.new_session(RequestContext.from_environ(environ, self.trusted_proxies))
         session.attach(PollingTransport(session, self.max_payload))
         self._register(session)
         body = b"0" + self._open_packet(session, ["websocket"]).encode()
@@ -353,6 +405,8 @@ class EngineServer:
             problem = "unsupported Engine.IO protocol version or transport"
         elif not self.origin_allowed(environ):
             problem = "Not an accepted origin."
+        elif not host_allowed(environ, self.allowed_hosts):
+            problem = "this Host is not served here"
         elif sid is not None:
             session = self.sessions.get(sid)
             if session is None or session.closed:
@@ -373,7 +427,8 @@ class EngineServer:
                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key
                         + b"\r\n\r\n")
             if session is None:
-                session = self.new_session(RequestContext.from_environ(environ))
+                session = self.new_session(
+                    RequestContext.from_environ(environ, self.trusted_proxies))
                 response += encode_packets(["0" + self._open_packet(session, [])])
             handler.socket.sendall(response)
         except OSError:
@@ -398,6 +453,7 @@ class EngineServer:
         with contextlib.suppress(OSError):  # not a TCP socket (a socket pair in tests)
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         transport = WebSocketTransport(session, sock, self.max_payload)
+        self._websockets.add(transport)
         if probe:
             session.upgrade = transport
             self._upgrades[transport] = (session, time.monotonic() + UPGRADE_TIMEOUT)

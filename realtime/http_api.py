@@ -1,12 +1,18 @@
 """The HTTP API: JSON in, JSON out, for backends that publish and inspect.
 
-Errors answer ``{error: {code, message}}`` with the status of the error's class. Until API keys
-arrive with the security work, only loopback peers may call it.
+Errors answer ``{error: {code, message}}`` with the status of the error's class.
+
+Who may call it: with API keys configured (``--api-key``), whoever sends one of them as
+``Authorization: apikey <KEY>``, from anywhere; without any, loopback clients only. "Loopback"
+is the real client: behind a trusted proxy (``--trusted-proxies``, loopback by default, which
+is where the shipped nginx runs) the client address comes from ``X-Forwarded-For`` (see
+:mod:`realtime.client_address`), so that nginx does not make every client look local.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import hashlib
+import hmac
 import logging
 from typing import Any
 
@@ -14,22 +20,55 @@ from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .channels import validate_channel
-from .errors import BadRequest, Forbidden, InternalError, NotFound, RealtimeError, TooLarge
+from .client_address import client_address, is_loopback
+from .config import Config
+from .errors import (
+    BadRequest,
+    Forbidden,
+    InternalError,
+    NotFound,
+    RealtimeError,
+    TooLarge,
+    Unauthorized,
+)
 from .node import Node
 from .protocol import parse_limit
 
 logger = logging.getLogger(__name__)
 
 _HTTP_CODES = {400: BadRequest, 403: Forbidden, 404: NotFound, 413: TooLarge}
+API_PREFIX = "/api/"
+AUTH_SCHEME = "apikey"
 
 
-def create_api_blueprint(node: Node) -> Blueprint:
+def create_api_blueprint(node: Node, config: Config) -> Blueprint:
+    """The ``/api/*`` routes of ``node``, guarded by ``config``'s API keys and trusted proxies."""
     api = Blueprint("api", __name__)
+    key_digests = tuple(_digest(key.encode()) for key in config.api_keys)
+    trusted_proxies = config.trusted_proxy_networks
 
-    @api.before_request
-    def only_loopback() -> None:
-        if not _is_loopback(request.remote_addr):
-            raise Forbidden("the API answers loopback clients only")
+    # App-wide and by path rather than on the blueprint's routes: a path under /api/ that no
+    # route matches (or a method none accepts) is refused like the others, so that nobody
+    # learns which routes exist without a key.
+    @api.before_app_request
+    def authorise() -> None:
+        if not request.path.startswith(API_PREFIX):
+            return
+        if key_digests:
+            _check_api_key(request.headers.get("Authorization"), key_digests)
+            return
+        client = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
+                                trusted_proxies)
+        if not is_loopback(client):
+            raise Forbidden("without API keys configured, the API answers loopback clients "
+                            "only")
+
+    @api.after_app_request
+    def challenge(response: Response) -> Response:
+        # RFC 9110: a 401 names the scheme that would be accepted.
+        if response.status_code == 401 and request.path.startswith(API_PREFIX):
+            response.headers["WWW-Authenticate"] = AUTH_SCHEME
+        return response
 
     @api.post("/api/publish")
     def publish() -> Any:
@@ -116,8 +155,23 @@ def _data(body: dict) -> Any:
     return body["data"]
 
 
-def _is_loopback(address: str | None) -> bool:
-    try:
-        return address is not None and ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+def _digest(key: bytes) -> bytes:
+    # Keys are compared as SHA-256 digests: equal lengths, so that compare_digest's time says
+    # nothing about a key's length either.
+    return hashlib.sha256(key).digest()
+
+
+def _check_api_key(authorization: str | None, key_digests: tuple[bytes, ...]) -> None:
+    """Raise :class:`Unauthorized` unless ``authorization`` is ``apikey <one of the keys>``."""
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != AUTH_SCHEME or not credentials:
+        raise Unauthorized("this API needs an API key: Authorization: apikey <KEY>")
+    # WSGI hands headers over as latin-1 text: this gives back the bytes the client sent.
+    presented = _digest(credentials.encode("latin-1", errors="replace"))
+    # Every key is compared, also after a match, so that the time taken does not say which.
+    matched = False
+    for digest in key_digests:
+        matched |= hmac.compare_digest(presented, digest)
+    if not matched:
+        raise Unauthorized("the API key is not valid")

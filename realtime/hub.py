@@ -10,10 +10,13 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .broker.base import Publication
 from .frames import EncodedEvent, EventBatch, OutboundFrame
+
+if TYPE_CHECKING:
+    from .auth import Identity
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ class Subscriber(Protocol):
 
     client_id: str
     user: str
+    identity: Identity | None  # the token's identity, None for anonymous connections
     channels: set[str]
     pending: dict[str, list[tuple[int | None, OutboundFrame]]]
 

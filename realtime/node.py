@@ -25,9 +25,10 @@ from .broker.base import (
     Publication,
     StreamPosition,
 )
+from .channels import ChannelPolicy
 from .config import Config
 from .control import ControlMessageError, decode_control, encode_control
-from .errors import RealtimeError
+from .errors import Forbidden, RealtimeError
 from .hub import Hub, Subscribed, Subscriber
 from .payloads import check_publication_data
 from .presence.base import PresenceMember, PresenceStore
@@ -90,7 +91,10 @@ class Node:
         self.broker = broker
         self.presence_store = presence
         self.hub = Hub()
+        self.channels = ChannelPolicy(config)
+        # The node's defaults; a channel's namespace may change them (history_options_for).
         self.history_options = HistoryOptions(size=config.history_size, ttl=config.history_ttl)
+        self._history_options: dict[tuple[int, float], HistoryOptions] = {}
         self._started_at = time.monotonic()
         self._peers: dict[str, tuple[float, NodeInfo]] = {}
         self._surveys: dict[str, _Survey] = {}
@@ -138,6 +142,9 @@ class Node:
         Publications made while the subscription is set up reach the session after the
         reply to this call, never before and never twice (see :meth:`Hub.activate`).
         """
+        rules = self.channels.rules(channel)
+        if not rules.recovery:
+            since = None  # the namespace keeps no recovery: a subscribe starts from now
         added = self.hub.add_subscriber(session, channel)
         if added is Subscribed.ALREADY:
             return self._position_for(channel, since)
@@ -146,7 +153,11 @@ class Node:
             # a second one must not read the stream position before it is confirmed.
             self.broker.subscribe(channel)
             result = self._position_for(channel, since)
-            if self.presence_store.add(channel, session.client_id, session.user):
+            identity = session.identity
+            first = rules.presence and self.presence_store.add(
+                channel, session.client_id, session.user,
+                identity.info if identity is not None else None)
+            if first and rules.join_leave:
                 self.broker.publish_join(channel, session.user)
         except Exception:
             self._unsubscribe_locally(session, channel)
@@ -170,7 +181,9 @@ class Node:
         self._leave_presence(session, channel)
 
     def _leave_presence(self, session: Subscriber, channel: str) -> None:
-        if self.presence_store.remove(channel, session.client_id, session.user):
+        rules = self.channels.rules(channel)
+        if rules.presence and self.presence_store.remove(channel, session.client_id,
+                                                         session.user) and rules.join_leave:
             self.broker.publish_leave(channel, session.user)
 
     def _unsubscribe_locally(self, session: Subscriber, channel: str) -> None:
@@ -179,7 +192,12 @@ class Node:
             self.broker.unsubscribe(channel)
 
     def _position_for(self, channel: str, since: StreamPosition | None) -> SubscribeResult:
-        """The stream position of ``channel`` and, given ``since``, what the client missed."""
+        """The stream position of ``channel`` and, given ``since``, what the client missed.
+
+        The position is ``("", 0)`` while the channel has no stream (nothing published yet):
+        reading it stores nothing. A client that saw that position and comes back with
+        ``since`` at epoch ``""`` is recovered by the rules of :func:`_is_complete_recovery`.
+        """
         if since is None:
             result = self.broker.history(channel, limit=0, options=self.history_options)
             return SubscribeResult(channel, result.position, False, [])
@@ -192,9 +210,14 @@ class Node:
     # -- publishing and reading --------------------------------------------------------------
 
     def publish(self, channel: str, data: Any, user: str | None = None) -> StreamPosition:
-        """Publish ``data`` (any JSON value) on ``channel`` as ``user`` (None: a backend)."""
-        self.check_data_size(data)
-        return self.broker.publish(channel, data, user=user, history=self.history_options)
+        """Publish ``data`` (any JSON value) on ``channel`` as ``user`` (None: a backend).
+
+        The channel's namespace sets the data limit and the history kept; who may publish is
+        the edges' business (clients are checked by the protocol, backends are trusted).
+        """
+        self.check_data_size(channel, data)
+        return self.broker.publish(channel, data, user=user,
+                                   history=self.history_options_for(channel))
 
     def publish_many(self, items: Sequence[tuple[str, Any, str | None]],
                      ) -> list[StreamPosition | RealtimeError]:
@@ -203,37 +226,57 @@ class Node:
         Each item gets its position or the error that refused it (see ``Broker.publish_many``).
         """
         results: list[StreamPosition | RealtimeError | None] = [None] * len(items)
-        accepted, slots = [], []
+        # Items of one history setting go to the broker together (usually all of them).
+        groups: dict[HistoryOptions, tuple[list, list[int]]] = {}
         for index, item in enumerate(items):
             try:
-                self.check_data_size(item[1])
+                self.check_data_size(item[0], item[1])
             except RealtimeError as exc:
                 results[index] = exc
                 continue
+            accepted, slots = groups.setdefault(self.history_options_for(item[0]), ([], []))
             accepted.append(item)
             slots.append(index)
-        if accepted:
-            published = self.broker.publish_many(accepted, history=self.history_options)
+        for options, (accepted, slots) in groups.items():
+            published = self.broker.publish_many(accepted, history=options)
             for index, result in zip(slots, published, strict=True):
                 results[index] = result
         return results  # type: ignore[return-value]  # every slot is filled by now
 
     def broadcast(self, channels: list[str], data: Any) -> list[tuple[str, StreamPosition]]:
         """Publish the same ``data`` on each channel, in order; stops at the first failure."""
-        self.check_data_size(data)
+        for channel in channels:
+            self.check_data_size(channel, data)
         return [(channel, self.broker.publish(channel, data, user=None,
-                                              history=self.history_options))
+                                              history=self.history_options_for(channel)))
                 for channel in channels]
 
-    def check_data_size(self, data: Any) -> None:
-        """Raise unless ``data`` is a JSON value no larger than the configured limit."""
-        check_publication_data(data, self.config.max_message_size)
+    def check_data_size(self, channel: str, data: Any) -> None:
+        """Raise unless ``data`` is a JSON value within ``channel``'s namespace's limit."""
+        limit = self.channels.rules(channel).max_message_size or self.config.max_message_size
+        check_publication_data(data, limit)
+
+    def history_options_for(self, channel: str) -> HistoryOptions:
+        """How much of ``channel``'s stream is kept: its namespace's setting, or the node's."""
+        rules = self.channels.rules(channel)
+        if rules.history_size is None and rules.history_ttl is None:
+            return self.history_options
+        key = (rules.history_size or self.config.history_size,
+               rules.history_ttl or self.config.history_ttl)
+        options = self._history_options.get(key)
+        if options is None:
+            options = self._history_options[key] = HistoryOptions(size=key[0], ttl=key[1])
+        return options
 
     def history(self, channel: str, limit: int | None = None) -> HistoryResult:
         """The last ``limit`` publications of ``channel`` (all kept when None), oldest first."""
-        return self.broker.history(channel, limit=limit, options=self.history_options)
+        return self.broker.history(channel, limit=limit,
+                                   options=self.history_options_for(channel))
 
     def presence(self, channel: str) -> list[PresenceMember]:
+        """The users present in ``channel``; Forbidden where its namespace keeps no presence."""
+        if not self.channels.rules(channel).presence:
+            raise Forbidden("presence is off for this channel's namespace")
         return self.presence_store.members(channel)
 
     # -- cluster-wide commands ---------------------------------------------------------------
@@ -293,7 +336,10 @@ class Node:
         while self._running:
             try:
                 self._send_control("node", info=dataclasses.astuple(self.local_info()))
-                self.presence_store.refresh(self.hub.presence_entries(beat % slices, slices))
+                rules = self.channels.rules
+                self.presence_store.refresh([
+                    entry for entry in self.hub.presence_entries(beat % slices, slices)
+                    if rules(entry[0]).presence])
             except Exception:
                 logger.exception("heartbeat failed; retrying")
             beat += 1
@@ -333,9 +379,24 @@ class Node:
 
 
 def _is_complete_recovery(since: StreamPosition, result: HistoryResult) -> bool:
-    """True when ``result`` holds every publication after ``since``, none missing."""
+    """True when ``result`` holds every publication after ``since``, none missing.
+
+    ``since`` must be of the stream's current epoch, with an offset no newer than the stream's.
+    Epoch ``""`` (the client saw the channel before anything was published) matches whatever
+    the current epoch is: the stream was created after the client looked, so it is recovered
+    when the history still holds every publication from ``since.offset + 1`` on (all of them,
+    for a client that received none live). Still no stream, at offset 0: nothing was missed.
+
+    The limit of that choice: a client keeps epoch ``""`` while it receives publications live,
+    so a stream that was created, forgotten (``meta_ttl`` without a publication, a day by
+    default) and created again while the client was away cannot be told apart from one created
+    once. The client then counts as recovered from its offset in the new stream, though the
+    offsets it holds belonged to the forgotten stream and it never gets the new stream's
+    publications up to that offset.
+    """
     position = result.position
-    if since.epoch != position.epoch or not 0 <= since.offset <= position.offset:
+    same_stream = since.epoch in ("", position.epoch)
+    if not same_stream or not 0 <= since.offset <= position.offset:
         return False
     missed = position.offset - since.offset
     publications = result.publications

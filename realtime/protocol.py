@@ -1,10 +1,11 @@
 """The client protocol, independent of transport and codec: client events in, one ack out.
 
 Every session (:mod:`realtime.session`), whatever carries it, connects through
-:meth:`ClientProtocol.connect`, the one connect hook that decides who the client is, and hands
-every client event to :meth:`ClientProtocol.handle`, which parses, authorises, calls the node
-and answers ``{ok: true, ...}`` or ``{ok: false, error: {code, message}}``. Nothing a client
-sends can raise out of it.
+:meth:`ClientProtocol.connect`, the one connect hook that decides who the client is (an
+:class:`~realtime.auth.Authenticator`), and hands every client event to
+:meth:`ClientProtocol.handle`, which parses, authorises (the channel's namespace rules,
+:mod:`realtime.channels`), calls the node and answers ``{ok: true, ...}`` or ``{ok: false,
+error: {code, message}}``. Nothing a client sends can raise out of it.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from .auth import Authenticator, Identity, create_authenticator
 from .broker.base import StreamPosition
-from .channels import MAX_USER_ID_LENGTH, ChannelPolicy, validate_channel
-from .errors import BadRequest, InternalError, RealtimeError
+from .channels import validate_channel
+from .errors import BadRequest, InternalError, RateLimited, RealtimeError
 from .node import Node
-from .session import Identity, RequestContext, error_ack
+from .session import error_ack
 
 if TYPE_CHECKING:
     from .session import Session
@@ -29,75 +31,40 @@ Ack = dict[str, Any]
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error"})
 
 
-class Authenticator(Protocol):
-    """The connect hook: who is the client connecting with ``auth`` over ``request``?
-
-    Returns the client's :class:`~realtime.session.Identity`, or raises a
-    :class:`~realtime.errors.RealtimeError` (``Unauthorized`` for bad credentials), which the
-    client receives as ``connect_error`` ``{message: <code>, data: {reason}}``. Called once per
-    session, for every transport, before the session joins the node.
-    """
-
-    def authenticate(self, request: RequestContext, auth: object,
-                     client_id: str) -> Identity: ...
-
-
-class AnonymousAuthenticator:
-    """Development default: everyone is welcome, and is who ``auth.user`` says.
-
-    The user id is ``auth.user`` when it is a non-empty string of at most 64 characters (and
-    valid Unicode), else ``anon-<client id>``. Nothing is verified.
-    """
-
-    def authenticate(self, request: RequestContext, auth: object,
-                     client_id: str) -> Identity:
-        return Identity(user_id_from_auth(auth, client_id))
-
-
-def user_id_from_auth(auth: object, client_id: str) -> str:
-    """The session's user id: ``auth.user`` when usable, else ``anon-<sid>``."""
-    if isinstance(auth, dict):
-        user = auth.get("user")
-        if isinstance(user, str) and 0 < len(user) <= MAX_USER_ID_LENGTH and _is_utf8(user):
-            return user
-    return "anon-" + client_id
-
-
-def _is_utf8(text: str) -> bool:
-    # A lone surrogate (valid in JSON text, not in UTF-8) could never be written to a msgpack
-    # client, nor to Redis as text.
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 class ClientProtocol:
     """The events a client may send, and their answers."""
 
-    def __init__(self, node: Node, policy: ChannelPolicy,
-                 authenticator: Authenticator | None = None) -> None:
+    def __init__(self, node: Node, authenticator: Authenticator | None = None) -> None:
         self.node = node
-        self.policy = policy
-        self.authenticator = authenticator or AnonymousAuthenticator()
+        self.policy = node.channels
+        config = node.config
+        self.max_subscriptions = config.max_subscriptions
+        self.max_connections_per_user = config.max_connections_per_user
+        self.authenticator = authenticator or create_authenticator(config)
         self._handlers: dict[str, Callable[[Session, dict], Ack]] = {
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
             "publish": self._publish,
             "history": self._history,
             "presence": self._presence,
+            "refresh": self._refresh,
         }
 
     def connect(self, session: Session, auth: object) -> None:
         """Authenticate a session's Socket.IO CONNECT and add it to the node.
 
-        Raises the authenticator's error (the session answers ``connect_error``).
+        Raises the authenticator's error, or RateLimited when the user already holds
+        ``max_connections_per_user`` connections on this node (the session answers
+        ``connect_error``).
         """
         client_id = secrets.token_urlsafe(15)
         identity = self.authenticator.authenticate(session.request, auth, client_id)
-        session.client_id, session.user, session.claims = (client_id, identity.user,
-                                                            identity.claims)
+        held = len(self.node.hub.sessions_of(identity.user))
+        if held >= self.max_connections_per_user:
+            raise RateLimited(f"user {identity.user!r} already has {held} connections on this "
+                              f"node (the limit)")
+        session.client_id, session.user = client_id, identity.user
+        session.set_identity(identity)
         self.node.connect(session)
 
     def handle(self, session: Session, event: object, args: tuple | list) -> Ack:
@@ -112,7 +79,7 @@ class ClientProtocol:
                 raise BadRequest("the event takes one object argument")
             return {"ok": True, **handler(session, args[0])}
         except RealtimeError as exc:
-            return self._refused(event, session, exc)
+            return self.refused(event, session, exc)
         except Exception:
             logger.exception("%s from %s failed", str(event)[:50], session)
             return error_ack(InternalError())
@@ -133,7 +100,7 @@ class ClientProtocol:
                     raise BadRequest("the event takes one object argument")
                 channel, data = self._publication(session, args[0])
             except RealtimeError as exc:
-                answers[index] = self._refused("publish", session, exc)
+                answers[index] = self.refused("publish", session, exc)
                 continue
             accepted.append((channel, data, session.user))
             slots.append(index)
@@ -144,21 +111,29 @@ class ClientProtocol:
                 logger.exception("publish from %s failed", session)
                 results = [InternalError()] * len(accepted)
             for index, result in zip(slots, results, strict=True):
-                answers[index] = (self._refused("publish", session, result)
+                answers[index] = (self.refused("publish", session, result)
                                   if isinstance(result, RealtimeError)
                                   else {"ok": True, "offset": result.offset,
                                         "epoch": result.epoch})
         return answers  # type: ignore[return-value]  # every slot is filled by now
 
-    def _refused(self, event: object, session: Session, exc: RealtimeError) -> Ack:
-        logger.info("%s from %s refused: %s %s", str(event)[:50], session, exc.code,
-                    exc.message)
+    def refused(self, event: object, session: Session, exc: RealtimeError) -> Ack:
+        """The error ack of a refused event; logged the first time per kind and session.
+
+        A client repeating a refused event (or flooding unknown ones) must not flood the log.
+        """
+        if session.first_refusal(exc.code):
+            logger.info("%s from %s refused: %s %s (further %s refusals of this session are "
+                        "not logged)", str(event)[:50], session, exc.code, exc.message,
+                        exc.code)
         return error_ack(exc)
 
     def _subscribe(self, session: Session, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))
         since = _stream_position(payload.get("since"))
-        self.policy.check_subscribe(session.user, channel)
+        self.policy.check_subscribe(session.user, session.identity, channel)
+        if channel not in session.channels and len(session.channels) >= self.max_subscriptions:
+            raise RateLimited(f"at most {self.max_subscriptions} subscriptions per connection")
         return self.node.subscribe(session, channel, since).to_dict()
 
     def _unsubscribe(self, session: Session, payload: dict) -> Ack:
@@ -175,21 +150,31 @@ class ClientProtocol:
         channel = validate_channel(payload.get("channel"))
         if "data" not in payload:
             raise BadRequest("data is required")
-        self.policy.check_publish(session.user, channel)
+        self.policy.check_publish(session.user, session.identity, channel,
+                                  channel in session.channels)
         return channel, payload["data"]
 
     def _history(self, session: Session, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))
         limit = parse_limit(payload.get("limit"))
-        self.policy.check_subscribe(session.user, channel)
+        self.policy.check_subscribe(session.user, session.identity, channel)
         result = self.node.history(channel, limit)
         return {"epoch": result.position.epoch, "offset": result.position.offset,
                 "publications": [p.to_event() for p in result.publications]}
 
     def _presence(self, session: Session, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))
-        self.policy.check_subscribe(session.user, channel)
+        self.policy.check_subscribe(session.user, session.identity, channel)
         return {"members": [m.to_dict() for m in self.node.presence(channel)]}
+
+    def _refresh(self, session: Session, payload: dict) -> Ack:
+        """A fresh token before the current one expires: the session lives on until its exp."""
+        identity = self.authenticator.refresh(session.identity or Identity(session.user),
+                                              payload.get("token"))
+        session.set_identity(identity)
+        expires_at = identity.expires_at
+        return {"expires_at": int(expires_at) if expires_at is not None
+                and expires_at.is_integer() else expires_at}
 
 
 # No channel keeps more publications than this; a larger history limit is a bad request, not

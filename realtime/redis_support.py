@@ -13,7 +13,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .errors import Unavailable
+from .errors import BadRequest, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,17 @@ KEY_PREFIX = "rt"
 CONTROL_CHANNEL = KEY_PREFIX + ":control"
 DEFAULT_POOL_SIZE = 64
 DEFAULT_TIMEOUT = 5.0
+
+
+_NOT_UNICODE = "strings must be valid Unicode (no lone surrogates)"
+
+
+def check_encodable(text: str) -> None:
+    """Raise :class:`~realtime.errors.BadRequest` unless Redis can take ``text`` (UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise BadRequest(_NOT_UNICODE) from None
 
 
 def stream_keys(channel: str) -> tuple[str, str]:
@@ -31,10 +42,11 @@ def stream_keys(channel: str) -> tuple[str, str]:
     return f"{KEY_PREFIX}:{{{channel}}}:h", f"{KEY_PREFIX}:{{{channel}}}:m"
 
 
-def presence_keys(channel: str) -> tuple[str, str, str]:
-    """Keys of a channel's presence: entry expiries, entry users, connection counts per user."""
+def presence_keys(channel: str) -> tuple[str, str, str, str]:
+    """Keys of a channel's presence: entry expiries, entry users, connection counts per user,
+    and each user's info (from its token)."""
     base = f"{KEY_PREFIX}:{{{channel}}}"
-    return base + ":p", base + ":pu", base + ":pc"
+    return base + ":p", base + ":pu", base + ":pc", base + ":pi"
 
 
 def pubsub_channel(channel: str) -> str:
@@ -63,9 +75,17 @@ def create_client(url: str, *, pool_size: int = DEFAULT_POOL_SIZE,
 
 @contextlib.contextmanager
 def translate_redis_errors(what: str) -> Iterator[None]:
-    """Turn redis-py failures into :class:`~realtime.errors.Unavailable` for the edges."""
+    """Turn redis-py failures into :class:`~realtime.errors.Unavailable` for the edges.
+
+    A string that cannot be encoded for Redis (UTF-8: a lone surrogate, say in a user id) is
+    the caller's input, not an outage: :class:`~realtime.errors.BadRequest`. Commands are
+    encoded before anything is written, so such a failure never leaves half a command on a
+    connection.
+    """
     try:
         yield
+    except UnicodeEncodeError as exc:
+        raise BadRequest(_NOT_UNICODE) from exc
     # redis-py lets a few socket failures through untranslated, e.g. ValueError "Invalid file
     # object" for a connection closed under it.
     except (redis.RedisError, OSError, ValueError) as exc:

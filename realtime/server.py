@@ -1,18 +1,46 @@
-"""Serving one node: the gevent WSGI server with WebSocket support, and a clean shutdown."""
+"""Serving one node: the gevent WSGI server with WebSocket support, and a clean shutdown.
+
+The server defends the node against slow and numerous connections:
+
+* **Request timeouts.** A client has ``header_timeout`` seconds, from the moment its connection
+  is accepted, to send its request line and headers; on a keep-alive connection it may first
+  sit idle for ``idle_timeout`` seconds (then the connection is closed silently, as servers
+  do), and the next request's ``header_timeout`` starts with its first byte. A request that
+  started arriving but did not finish in time is answered ``408`` with a JSON error body; a
+  connection that never sent a byte is just closed (there is no request to answer, and a
+  browser's pre-opened connection must not read a 408 as the answer to its next request).
+  A request's body is held to the same clock, with one more second per KiB it declares
+  (:data:`MIN_BODY_RATE`): the body of a long-polling POST or an API call must arrive by then
+  or the request is answered ``408``. Only reading the request is timed: the application is
+  not, so a long-polling GET waits for data inside it for as long as the engine wants.
+* **A cap on open connections** (``max_connections``): HTTP connections being served
+  (keep-alive ones and long-polls in flight included) plus the WebSockets the engine took over.
+  Past it a new connection is answered ``503`` with ``Retry-After: 1`` straight from the accept
+  loop, without a greenlet and without reading its request, and closed; existing connections
+  are untouched, and one log line marks the start and one the end of each burst of refusals.
+  gevent's own mechanism (``spawn=Pool(n)``) would stop accepting instead: clients would queue
+  unanswered in the kernel's backlog, and a pool counts greenlets, not the WebSockets that
+  leave pywsgi. An answer at once lets clients (and a load balancer) go elsewhere or retry.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import resource
 import signal
 import socket
+import time
 from typing import Any
 
 import gevent
+import gevent.event
 from gevent import pywsgi
 
 from .app import Realtime, create_app
 from .config import Config, ConfigError
+from .errors import BadRequest, RealtimeError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +65,72 @@ MAX_HEADERS = 100
 # connection: long-polls in flight, browsers' idle keep-alive connections. A larger header
 # section just takes another recv; large bodies are read past the buffer.
 HTTP_READ_BUFFER = 1024
+# The slowest a request body may arrive, in bytes per second: its budget is header_timeout plus
+# one second per KiB it declares. 8 kbit/s is slower than any real client's link, and the
+# bodies a node reads are small (two messages at most), so an honest client never runs out of
+# time, while one that dribbles its body holds its connection for a bounded time.
+MIN_BODY_RATE = 1024
+# The most of an unread body that is read and discarded to keep a connection alive; past it
+# (or for a chunked body) the connection is closed instead.
+DISCARD_LIMIT = 64 * 1024
+# Descriptors a node keeps for itself when max_connections is derived from its open-file limit.
+# At rest a node holds about ten (stdio, the event loop's epoll and eventfd, the listener, its
+# Redis connections); on top of that come short-lived ones: a static file per page being
+# served, a Redis reconnection overlapping the old socket, a JWKS fetch, a DNS lookup, and the
+# accepted socket that is answered 503. Running out of descriptors would fail those instead of
+# refusing a client cleanly, for 0.3% of a 20,000-file limit.
+DESCRIPTOR_RESERVE = 64
+# A burst of refused connections ends (and is logged as ended) after this many seconds without
+# a refusal.
+REFUSAL_QUIET = 5.0
+
+
+def error_response(status: str, error: RealtimeError, headers: tuple[str, ...] = ()) -> bytes:
+    """A complete HTTP response with the JSON error body, closing the connection."""
+    body = json.dumps({"error": error.to_dict()}).encode()
+    head = "".join(f"{header}\r\n" for header in (
+        f"HTTP/1.1 {status}", "Content-Type: application/json", f"Content-Length: {len(body)}",
+        *headers, "Connection: close"))
+    return head.encode("latin-1") + b"\r\n" + body
+
+
+def connection_cap(max_connections: int, open_files: int) -> int:
+    """The connections a node holds at once: ``max_connections``, or (0) what its open-file
+    limit allows after :data:`DESCRIPTOR_RESERVE`."""
+    if max_connections:
+        return max_connections
+    return max(open_files - DESCRIPTOR_RESERVE, 1)
+
+
+def _send_nowait(sock: Any, data: bytes) -> None:
+    """Best effort: what the kernel takes now. A client that does not read gets no more."""
+    with contextlib.suppress(OSError):
+        sock.settimeout(0.0)
+        sock.send(data)
+
+
+def _drain(sock: Any) -> None:
+    """Read what has arrived on non-blocking ``sock`` (a little at most), without waiting.
+
+    Closing a socket with unread input makes the kernel reset the connection, which can cost
+    the client the answer it was sent.
+    """
+    with contextlib.suppress(OSError):
+        for _ in range(4):
+            if not sock.recv(16384):
+                return
+
+
+class _IdleTimeout(BaseException):
+    """A keep-alive connection sent nothing for ``idle_timeout`` seconds."""
+
+
+class _RequestTimeout(BaseException):
+    """A client did not send its request (line, headers, body) in time.
+
+    A BaseException, as gevent's Timeout is: an application that catches every Exception
+    (Flask does, to answer 500) lets it through to the handler, which answers 408.
+    """
 
 
 class RequestHeaders:
@@ -95,17 +189,86 @@ class RequestHeaders:
         return self._lines
 
 
+class TimedInput:
+    """``wsgi.input`` that must deliver the request's body by ``deadline`` (monotonic).
+
+    Each read waits at most until the deadline, then raises :class:`_RequestTimeout` through
+    the application to the handler, which answers 408.
+    """
+
+    __slots__ = ("_input", "_deadline", "_handler")
+
+    def __init__(self, wsgi_input: pywsgi.Input, deadline: float,
+                 handler: RealtimeHandler) -> None:
+        self._input = wsgi_input
+        self._deadline = deadline
+        self._handler = handler
+
+    def _timed(self, read: Any, *args: Any) -> Any:
+        # A read that finds its data buffered returns before the timer can fire, even late.
+        timer = gevent.Timeout(max(self._deadline - time.monotonic(), 0.001), _RequestTimeout)
+        timer.start()
+        try:
+            return read(*args)
+        finally:
+            timer.close()
+
+    def read(self, length: int | None = None) -> bytes:
+        return self._timed(self._input.read, length)
+
+    def readline(self, size: int | None = None) -> bytes:
+        return self._timed(self._input.readline, size)
+
+    def readlines(self, hint: int | None = None) -> list[bytes]:
+        return self._timed(self._input.readlines, hint)
+
+    def __iter__(self) -> TimedInput:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def _discard(self) -> None:
+        """What pywsgi calls after the response: skip the unread body, or close instead."""
+        handler, wsgi_input = self._handler, self._input
+        if handler.close_connection:
+            return  # nothing more is read from this connection
+        left = None if wsgi_input.chunked_input else \
+            (wsgi_input.content_length or 0) - wsgi_input.position
+        if left is None or left > DISCARD_LIMIT:
+            handler.close_connection = True  # cheaper than reading it, and never slow
+            return
+        if left:
+            try:
+                self._timed(wsgi_input._discard)
+            except _RequestTimeout:
+                handler.close_connection = True
+
+
 class RealtimeHandler(pywsgi.WSGIHandler):
     """pywsgi handler that gives WebSocket upgrades under /socket.io/ to the Engine.IO server.
 
     An upgrade needs the raw socket (which WSGI does not expose): the engine answers it and
     takes the socket over. Everything else (pages, the API, long-polling) is plain WSGI, with
     a small read buffer (:data:`HTTP_READ_BUFFER`), headers read by :class:`RequestHeaders`,
-    and no access log (one line per long-poll would drown everything else).
+    no access log (one line per long-poll would drown everything else), and the request
+    timeouts of :class:`RealtimeServer` (see the module docstring).
     """
 
-    def __init__(self, sock: Any, address: Any, server: Any) -> None:
+    server: RealtimeServer
+
+    def __init__(self, sock: Any, address: Any, server: RealtimeServer) -> None:
         super().__init__(sock, address, server, rfile=sock.makefile("rb", HTTP_READ_BUFFER))
+        self._started = 0.0  # when the budget of the request being read started (monotonic)
+        self._answered = False  # a request was served on this connection (keep-alive)
+        self._received = False  # a byte of the request being read has arrived
+        # One timer of each kind per connection, restarted for each request (cheaper than new
+        # ones): the request's budget, and the wait for the next request of a keep-alive one.
+        self._request_timer = gevent.Timeout(server.header_timeout, _RequestTimeout)
+        self._idle_timer: gevent.Timeout | None = None
 
     def MessageClass(self, rfile: Any, *args: Any) -> RequestHeaders:  # noqa: N802 - pywsgi's
         return RequestHeaders(rfile)
@@ -113,13 +276,168 @@ class RealtimeHandler(pywsgi.WSGIHandler):
     def log_request(self) -> None:
         pass
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        finally:
+            self._request_timer.close()
+            if self._idle_timer is not None:
+                self._idle_timer.close()
+
+    def handle_one_request(self) -> Any:
+        """Read one request against the clock, then serve it (pywsgi's loop calls this)."""
+        server, rfile, request_timer = self.server, self.rfile, self._request_timer
+        if rfile.closed:
+            return None
+        try:
+            if self._answered:
+                # Keep-alive: the next request may take idle_timeout to start, then it has
+                # header_timeout from its first byte (which is often here already).
+                idle_timer = self._idle_timer
+                if idle_timer is None:
+                    idle_timer = self._idle_timer = gevent.Timeout(server.idle_timeout,
+                                                                   _IdleTimeout)
+                idle_timer.start()
+                try:
+                    if not rfile.peek(1):
+                        return None
+                finally:
+                    idle_timer.cancel()
+                self._received = True
+            # A new connection's budget starts here, as its handler starts after the accept.
+            self._started = time.monotonic()
+            request_timer.start()
+            try:
+                if not self._received:
+                    self._received = bool(rfile.peek(1))
+                # read_request stops the timer once the headers are in
+                result = super().handle_one_request()
+            finally:
+                request_timer.cancel()
+        except _IdleTimeout:
+            return None  # closed silently, as servers close idle keep-alive connections
+        except _RequestTimeout:
+            self.close_connection = True
+            if self._received:  # else there is no request to answer: just close
+                _send_nowait(self.socket, error_response("408 Request Timeout", BadRequest(
+                    f"the request did not arrive within {server.header_timeout:g} s")))
+            return None
+        except OSError:
+            return None  # the client went away while we waited for its request (peek)
+        self._answered, self._received = True, False
+        return result
+
+    def read_request(self, raw_requestline: str) -> bool:
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            # The headers are in: the application is not timed (a long-poll waits in it).
+            self._request_timer.cancel()
+
+    def get_environ(self) -> dict:
+        environ = super().get_environ()
+        body = self.content_length or \
+            environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+        if body and environ["wsgi.input"] is self.wsgi_input:
+            deadline = (self._started + self.server.header_timeout
+                        + (self.content_length or 0) / MIN_BODY_RATE)
+            self.wsgi_input = environ["wsgi.input"] = TimedInput(self.wsgi_input, deadline, self)
+        return environ
+
     def run_application(self) -> None:
-        engine = getattr(self.server, "realtime_engine", None)
+        engine = self.server.engine
         if engine is not None and engine.is_websocket_request(self.environ):
             engine.handle_websocket(self)
             self.close_connection = True
             return
-        super().run_application()
+        try:
+            super().run_application()
+        except _RequestTimeout:
+            # The body did not arrive in time (TimedInput): answer if nothing was sent yet.
+            self.close_connection = True
+            if not self.headers_sent:
+                _send_nowait(self.socket, error_response("408 Request Timeout", BadRequest(
+                    "the request body did not arrive in time")))
+
+
+class RealtimeServer(pywsgi.WSGIServer):
+    """pywsgi's server with a cap on the connections a node holds, and request timeouts.
+
+    ``engine`` (an :class:`~realtime.engineio.EngineServer`, or None) takes WebSocket upgrades
+    over and counts them; see the module docstring for the rest.
+    """
+
+    def __init__(self, listener: Any, application: Any, *, engine: Any, max_connections: int,
+                 header_timeout: float, idle_timeout: float, **kwargs: Any) -> None:
+        super().__init__(listener, application, handler_class=RealtimeHandler, **kwargs)
+        self.engine = engine
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.http_connections = 0  # accepted and not yet closed or handed to the engine
+        self.refused = 0  # connections answered 503 in the current burst
+        self._last_refusal = 0.0
+        self._burst_watch: gevent.Greenlet | None = None
+        self._refusal = error_response("503 Service Unavailable", Unavailable(
+            f"this node holds its maximum of {max_connections} connections; retry in a "
+            f"moment"), ("Retry-After: 1",))
+
+    @property
+    def open_connections(self) -> int:
+        """HTTP connections being served plus the engine's WebSockets."""
+        websockets = self.engine.websocket_count if self.engine is not None else 0
+        return self.http_connections + websockets
+
+    def do_handle(self, sock: Any, address: Any) -> None:
+        # Runs in the accept loop (the event loop): counts the connection before its greenlet
+        # starts, so that a burst accepted in one go is measured against the cap.
+        if self.open_connections >= self.max_connections:
+            self._refuse(sock)
+            return
+        self.http_connections += 1
+        try:
+            super().do_handle(sock, address)
+        except BaseException:
+            self.http_connections -= 1  # its greenlet could not start (and never will)
+            raise
+
+    def handle(self, sock: Any, address: Any) -> None:
+        try:
+            super().handle(sock, address)
+        finally:
+            self.http_connections -= 1
+
+    def _refuse(self, sock: Any) -> None:
+        """Answer 503 and close, in the accept loop: no greenlet, nothing waited for."""
+        with contextlib.suppress(OSError):
+            sock.settimeout(0.0)
+            _drain(sock)
+            sock.send(self._refusal)
+            sock.shutdown(socket.SHUT_WR)
+            _drain(sock)
+        sock.close()
+        self._last_refusal = time.monotonic()
+        self.refused += 1
+        if self._burst_watch is None:
+            logger.warning("connection cap reached (%d open, max_connections %d): answering "
+                           "new connections 503 until some close", self.open_connections,
+                           self.max_connections)
+            self._burst_watch = gevent.spawn(self._watch_burst, self._last_refusal)
+
+    def _watch_burst(self, started: float) -> None:
+        """Log the end of a burst of refusals: :data:`REFUSAL_QUIET` seconds without one."""
+        while (quiet := time.monotonic() - self._last_refusal) < REFUSAL_QUIET:
+            gevent.sleep(REFUSAL_QUIET - quiet)
+        logger.info("accepting new connections again: %d refused with 503 over %.1f s",
+                    self.refused, self._last_refusal - started)
+        self.refused = 0
+        self._burst_watch = None
+
+    def stop(self, timeout: float | None = None) -> None:
+        if self._burst_watch is not None:
+            self._burst_watch.kill(block=False)
+            self._burst_watch = None
+        super().stop(timeout)
 
 
 def raise_open_file_limit() -> int:
@@ -143,11 +461,19 @@ def serve(config: Config) -> None:
     """Run one node until SIGINT or SIGTERM. Raises ConfigError when it cannot start."""
     check_monkey_patched()
     open_files = raise_open_file_limit()
+    max_connections = connection_cap(config.max_connections, open_files)
+    if max_connections > open_files - DESCRIPTOR_RESERVE:
+        logger.warning("max_connections %d is more than the open-file limit (%d) allows: past "
+                       "%d connections, accepting fails instead of answering 503",
+                       max_connections, open_files, open_files - DESCRIPTOR_RESERVE)
     realtime: Realtime = create_app(config)
-    server = pywsgi.WSGIServer(
+    server = RealtimeServer(
         (config.host, config.port),
         realtime.wsgi,
-        handler_class=RealtimeHandler,
+        engine=realtime.engine,
+        max_connections=max_connections,
+        header_timeout=config.header_timeout,
+        idle_timeout=config.idle_timeout,
         log=None,  # no access log line per long-polling request
         backlog=LISTEN_BACKLOG,
         error_log=logging.getLogger("realtime.wsgi"),
@@ -159,11 +485,10 @@ def serve(config: Config) -> None:
     # Accepted sockets inherit it: long-polling responses and events leave at once instead of
     # waiting behind Nagle's algorithm for the client's delayed ACK.
     server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    server.realtime_engine = realtime.engine
     realtime.start()
     host, port = server.socket.getsockname()[:2]
-    logger.info("node %s serving on http://%s:%d (broker %s, up to %d open files)",
-                config.node_id, host, port, config.broker, open_files)
+    logger.info("node %s serving on http://%s:%d (broker %s, up to %d connections, %d open "
+                "files)", config.node_id, host, port, config.broker, max_connections, open_files)
     stopped = gevent.event.Event()
 
     def shut_down(signum: int) -> None:

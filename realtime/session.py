@@ -17,9 +17,11 @@ Ordering guarantees, the same on every transport:
   ``pending``).
 
 Limits enforced here, once for every transport: the inbound backlog (:data:`MAX_INBOX` events;
-past it the transport stops reading until half of it is handled), and the outbound limit
-(``max_outbound_buffer`` bytes held back by the transport; past it the client is too ``slow``
-and the session closes).
+past it the transport stops reading until half of it is handled), the event budget
+(``events_per_second`` sustained, ``events_burst`` at once: events past it are answered
+``rate_limited``, and a client that sends another whole burst regardless is disconnected), and
+the outbound limit (``max_outbound_buffer`` bytes held back by the transport; past it the
+client is too ``slow`` and the session closes).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import sys
 import time
 import types
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import gevent
 
+from .client_address import IPNetwork, client_address
 from .codecs import (
     JSON,
     NAMESPACE,
@@ -45,13 +48,14 @@ from .codecs import (
     PacketType,
     codec_for,
 )
-from .errors import BadRequest, RealtimeError, Unauthorized
+from .errors import BadRequest, RateLimited, RealtimeError, Unauthorized
 from .frames import TRANSPORT_ENCODERS, EngineIOPacket, OutboundFrame, engineio_message, wire_form
 from .transports.base import Transport
 from .transports.framing import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_NORMAL
 from .transports.polling import PollingTransport, decode_payload
 
 if TYPE_CHECKING:
+    from .auth import Identity
     from .engineio import EngineServer
 
 logger = logging.getLogger(__name__)
@@ -94,25 +98,21 @@ class RequestContext:
     query: Mapping[str, str] = dataclasses.field(default_factory=lambda: _NOTHING)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, Any]) -> RequestContext:
+    def from_environ(cls, environ: Mapping[str, Any],
+                     trusted_proxies: Iterable[IPNetwork] = ()) -> RequestContext:
+        """The context of a WSGI request; ``peer`` is the real client behind
+        ``trusted_proxies`` (see :func:`realtime.client_address.client_address`)."""
         headers = {key[5:].lower().replace("_", "-"): value
                    for key, value in environ.items() if key.startswith("HTTP_")}
         origin = headers.get("origin")
-        return cls(sys.intern(environ.get("REMOTE_ADDR") or ""),
-                   sys.intern(origin) if origin else None, headers,
+        peer = client_address(environ.get("REMOTE_ADDR"), headers.get("x-forwarded-for"),
+                              trusted_proxies)
+        return cls(sys.intern(peer), sys.intern(origin) if origin else None, headers,
                    parse_query(environ.get("QUERY_STRING", "")))
 
     def after_connect(self) -> RequestContext:
         """What the session keeps once connected: the peer and the origin."""
         return RequestContext(self.peer, self.origin)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Identity:
-    """Who a client is, as the connect hook decided."""
-
-    user: str
-    claims: Mapping[str, Any] | None = None
 
 
 class Session:
@@ -125,9 +125,10 @@ class Session:
     """
 
     __slots__ = (
-        "engine", "sid", "client_id", "user", "claims", "request", "channels", "pending",
+        "engine", "sid", "client_id", "user", "identity", "request", "channels", "pending",
         "transport", "upgrade", "codec", "form", "inbox", "worker", "deferred", "attachments",
-        "attachment_ack_id", "awaiting_pong", "next_ping", "opened_at", "closed",
+        "attachment_ack_id", "awaiting_pong", "next_ping", "opened_at", "closed", "budget_tat",
+        "rate_limited", "refusals",
     )
 
     def __init__(self, engine: EngineServer, sid: str, request: RequestContext) -> None:
@@ -135,7 +136,8 @@ class Session:
         self.sid = sid
         self.client_id = ""
         self.user = ""
-        self.claims: Mapping[str, Any] | None = None
+        # The token's identity (None for anonymous connections without token claims).
+        self.identity: Identity | None = None
         self.request = request
         self.channels: set[str] = set()
         self.pending: dict[str, list[tuple[int | None, OutboundFrame]]] = {}
@@ -152,6 +154,11 @@ class Session:
         self.opened_at = time.monotonic()
         self.next_ping = self.opened_at + engine.ping_interval
         self.closed = False
+        # The event budget as GCRA: the theoretical arrival time of the next event (0.0, a
+        # shared constant, once the budget is full again: idle sessions hold no float).
+        self.budget_tat = 0.0
+        self.rate_limited = 0  # events refused in a row for want of budget
+        self.refusals: set[str] | None = None  # codes of refusals already logged
 
     def __repr__(self) -> str:
         user = f" user={self.user!r}" if self.user else ""
@@ -165,6 +172,30 @@ class Session:
         """Make ``transport`` carry this session from now on."""
         self.transport = transport
         self.form = wire_form(self.codec or JSON, transport.kind)
+
+    def set_identity(self, identity: Identity) -> None:
+        """Take the connect hook's (or a refresh's) identity; watch its token's expiry."""
+        self.identity = identity if identity.authenticated or identity.info else None
+        if identity.expires_at is not None:
+            self.engine.expire_at(self, identity.expires_at)
+
+    def first_refusal(self, code: str) -> bool:
+        """True the first time this session is refused with ``code`` (worth a log line)."""
+        if self.refusals is None:
+            self.refusals = set()
+        if code in self.refusals:
+            return False
+        self.refusals.add(code)
+        return True
+
+    def _spend_budget(self, now: float) -> bool:
+        """Take one event from the budget (GCRA); False when there is none left."""
+        engine = self.engine
+        tat = max(self.budget_tat, now)
+        if tat - now > engine.event_tolerance:
+            return False
+        self.budget_tat = tat + engine.event_interval
+        return True
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -235,7 +266,11 @@ class Session:
             data = packet.data
             if not isinstance(data, list) or not data:
                 raise PacketError("event packet without an event name")
-            self._enqueue(("event", data[0], data[1:], packet.ack_id))
+            if self._spend_budget(time.monotonic()):
+                self.rate_limited = 0
+                self._enqueue(("event", data[0], data[1:], packet.ack_id))
+            else:
+                self._over_budget(data[0], packet.ack_id)
         elif kind is PacketType.BINARY_EVENT:
             self.attachments, self.attachment_ack_id = packet.attachments, packet.ack_id
         elif kind is PacketType.BINARY_ACK:
@@ -246,6 +281,22 @@ class Session:
             pass  # the server never asks clients for acks
         else:
             raise PacketError(f"unexpected Socket.IO packet type {int(kind)}")
+
+    def _over_budget(self, event: object, ack_id: int | None) -> None:
+        """An event past the budget: answered rate_limited (in its turn), or, when the client
+        sent another whole burst regardless, the end of the session."""
+        self.rate_limited += 1
+        if self.rate_limited > self.engine.events_burst:
+            logger.info("closing %r: %d events past its budget in a row", self,
+                        self.rate_limited)
+            self.close("rate limited", notify=True)
+            return
+        if ack_id is not None:
+            error = RateLimited(f"more than {self.engine.events_per_second:g} events per "
+                                f"second (bursts of {self.engine.events_burst})")
+            if self.first_refusal(error.code):
+                logger.info("%r is over its event budget (%s)", self, str(event)[:50])
+            self._enqueue(("reply", NAMESPACE, ack_id, error_ack(error)))
 
     def _refuse_unconnected(self, packet: Packet) -> None:
         """An event for a namespace the client is not connected to: answer it, never hang."""
@@ -418,6 +469,8 @@ class Session:
     def check_heartbeat(self, now: float) -> None:
         """Called by the engine's heartbeat wheel when this session's next deadline is due."""
         engine = self.engine
+        if self.budget_tat and self.budget_tat <= now:
+            self.budget_tat = 0.0  # the budget is full again: hold no float for it
         if self.awaiting_pong:
             self.close("ping timeout")
         elif not self.client_id and now - self.opened_at > engine.ping_timeout:

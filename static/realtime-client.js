@@ -331,7 +331,10 @@
         }
         this.subscribed = true;
         const offset = toOffset(sub.offset) || 0;
-        if (resuming && sub.recovered === true && sub.epoch === this.epoch) {
+        // Epoch "" means the channel had no stream when we first saw it: a recovery from the
+        // stream created since continues it, it does not replace it.
+        if (resuming && sub.recovered === true && (sub.epoch === this.epoch || this.epoch === '')) {
+          this.epoch = sub.epoch;
           this.add(sub.publications, false);
           this.lastOffset = Math.max(this.lastOffset, offset);
         } else {
@@ -362,7 +365,10 @@
           return;
         }
         this.historyPending = false;
-        if (hist.epoch !== this.epoch) {
+        if (hist.epoch !== this.epoch && this.epoch === '') {
+          // The channel's first publication came after our subscribe: the same stream.
+          this.epoch = hist.epoch;
+        } else if (hist.epoch !== this.epoch) {
           // The stream was reset between subscribe and history; the history
           // answer is the newer view, so start over from it.
           this.publications.clear();

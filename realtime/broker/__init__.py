@@ -1,6 +1,7 @@
 """Brokers, chosen by URL (see :func:`realtime.backends.create_broker`)."""
 
 from .base import (
+    NO_STREAM,
     Broker,
     BrokerEventHandler,
     HistoryOptions,
@@ -11,6 +12,7 @@ from .base import (
 from .memory import MemoryBroker
 
 __all__ = [
+    "NO_STREAM",
     "Broker",
     "BrokerEventHandler",
     "HistoryOptions",

@@ -23,10 +23,18 @@ class StreamPosition:
     ``epoch`` names the stream: it changes whenever the stream's history is lost (a restart of a
     broker without persistence, an evicted or expired stream), so an ``offset`` from another epoch
     means nothing. ``offset`` is the offset of the newest publication (0 for an empty stream).
+
+    The epoch ``""`` (:data:`NO_STREAM`, always with offset 0 from a broker) means "no stream
+    yet": nothing was ever published on the channel, or its stream was forgotten. Reads do not
+    create streams; the first publication does, with a fresh epoch and offset 1.
     """
 
     epoch: str
     offset: int
+
+
+NO_STREAM = StreamPosition("", 0)
+"""The position of a channel that has no stream: nothing published yet, or forgotten."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,6 +117,9 @@ class Broker(abc.ABC):
       backend's timeout. Background delivery reconnects and resubscribes by itself.
     * **Control** messages go to every node, the sender included, at most once, unordered with
       respect to publications.
+    * **Bounded state.** Only publishing creates a stream; reads never store anything. Expired
+      publications, and streams whose position outlived ``meta_ttl``, are dropped by time, also
+      on channels nobody touches again.
     """
 
     @abc.abstractmethod
@@ -168,9 +179,13 @@ class Broker(abc.ABC):
         """Read ``channel``'s stream.
 
         With ``since_offset``, the publications after it (all that are kept); otherwise the last
-        ``limit`` ones (all kept when ``limit`` is None, none when it is 0). Always the current
-        position, creating the stream (and its epoch) when it does not exist yet, so that a
-        subscriber learns the epoch its later publications belong to.
+        ``limit`` ones (all kept when ``limit`` is None, none when it is 0). Never a publication
+        past the TTL it was published with. Always the current position.
+
+        A read stores nothing: for a channel without a stream (never published on, or forgotten
+        after ``meta_ttl``) it returns no publications at position :data:`NO_STREAM` and leaves
+        no trace in the backend, so that reading (or subscribing to) any number of channels
+        nobody publishes to costs nothing once the call is over.
         """
 
     def is_healthy(self) -> bool:

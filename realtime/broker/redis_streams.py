@@ -7,7 +7,10 @@ costs O(1) per publish and uses less memory than a Stream for small entries, and
 strength, ranges by ID, buys nothing at this size.
 
 One Lua script appends, assigns the offset and PUBLISHes, so offsets are gap-free and in the
-same order in history and on the wire, whichever node or emitter publishes.
+same order in history and on the wire, whichever node or emitter publishes. Only publishing
+writes: reading a channel's history never creates a key nor extends one's life, and every key
+of a stream expires by itself (the list ``ttl`` after the last publication, the hash
+``meta_ttl`` after it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..errors import BadRequest, RealtimeError, Unavailable
 from ..redis_support import (
     LuaScript,
     ScriptRunner,
+    check_encodable,
     pubsub_channel,
     stream_keys,
     translate_redis_errors,
@@ -55,24 +59,25 @@ redis.call('PUBLISH', ARGV[6], cmsgpack.pack({tonumber(ARGV[7]), 'p', offset}) .
 return {epoch, offset}
 """)
 
-# Returns {epoch, offset, now_ms, entries (newest first)}; creates the stream when missing.
+# Returns {epoch, offset, now_ms, entries (newest first)}, or epoch "" and no entries when the
+# stream does not exist (never published, or its meta expired). Read-only: a read never creates
+# a key, nor extends one's life. A list without its meta belongs to a forgotten stream (the next
+# publish deletes it) and is not read.
 HISTORY_SCRIPT = LuaScript("""
-if redis.call('HSETNX', KEYS[2], 'e', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[2], 'o', 0)
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-  redis.call('DEL', KEYS[1])
-end
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local meta = redis.call('HMGET', KEYS[2], 'e', 'o')
-local count = tonumber(ARGV[3])
+if not meta[1] then
+  return {'', 0, now_ms, {}}
+end
+local count = tonumber(ARGV[1])
 local entries = {}
 if count < 0 then
   entries = redis.call('LRANGE', KEYS[1], 0, -1)
 elseif count > 0 then
   entries = redis.call('LRANGE', KEYS[1], 0, count - 1)
 end
-local now = redis.call('TIME')
-return {meta[1], tonumber(meta[2]), tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
-        entries}
+return {meta[1], tonumber(meta[2]), now_ms, entries}
 """)
 
 
@@ -81,8 +86,11 @@ class WireFormatError(ValueError):
 
 
 def pack_body(data: Any, user: str | None) -> bytes:
+    """The msgpack body ``[data, user]`` of a history entry and of its message."""
     try:
         return msgpack.packb([data, user])
+    except UnicodeEncodeError as exc:
+        raise BadRequest("data and user must be valid Unicode (no lone surrogates)") from exc
     except (TypeError, ValueError, OverflowError) as exc:
         raise BadRequest("data cannot be stored (integers must fit in 64 bits)") from exc
 
@@ -109,7 +117,10 @@ def decode_publication_message(channel: str, blob: bytes) -> Publication:
 
 def encode_presence_message(kind: str, user: str) -> bytes:
     """A join (``"j"``) or leave (``"l"``) message on a channel's pub/sub channel."""
-    return msgpack.packb([WIRE_VERSION, kind, user])
+    try:
+        return msgpack.packb([WIRE_VERSION, kind, user])
+    except UnicodeEncodeError as exc:
+        raise BadRequest("user must be valid Unicode (no lone surrogates)") from exc
 
 
 def decode_message(channel: str, blob: bytes) -> tuple[str, Any]:
@@ -177,8 +188,10 @@ class RedisStreams:
         count = -1 if since_offset is not None or limit is None else limit
         with translate_redis_errors("history"):
             epoch, offset, now_ms, entries = self._scripts.run_script(
-                HISTORY_SCRIPT, stream_keys(channel),
-                [_new_epoch(), max(1, int(options.meta_ttl)), count])
+                HISTORY_SCRIPT, stream_keys(channel), [count])
+        # Every entry carries its own expiry: the list's PEXPIRE, refreshed by each publish,
+        # lets older entries outlive their TTL while the channel stays busy, so they are
+        # filtered here and never returned.
         publications = []
         for entry in reversed(entries):
             (entry_offset, expires_at), (data, user) = _unpack_two(entry)
@@ -190,6 +203,9 @@ class RedisStreams:
 def _publish_call(channel: str, body: bytes,
                   options: HistoryOptions) -> tuple[tuple[str, str], list[Any]]:
     """Keys and arguments of :data:`PUBLISH_SCRIPT` for one publication."""
+    # Checked here, item by item: in a pipelined publish_many, a string that fails to encode
+    # would otherwise refuse the whole batch.
+    check_encodable(channel)
     return stream_keys(channel), [
         body, options.size, max(1, int(options.ttl * 1000)), max(1, int(options.meta_ttl)),
         _new_epoch(), pubsub_channel(channel), WIRE_VERSION]

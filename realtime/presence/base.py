@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PresenceMember:
-    """A distinct user present in a channel, with how many of its connections are there."""
+    """A distinct user present in a channel, with how many of its connections are there, and
+    the ``info`` of its token (None without one)."""
 
     user: str
     connections: int
+    info: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict:
-        return {"user": self.user, "connections": self.connections}
+        member: dict[str, Any] = {"user": self.user, "connections": self.connections}
+        if self.info is not None:
+            member["info"] = self.info
+        return member
 
 
 class PresenceStore(abc.ABC):
@@ -22,7 +29,8 @@ class PresenceStore(abc.ABC):
 
     Contract, common to every implementation:
 
-    * An entry is one ``(channel, client_id)`` with its ``user``. ``add`` and ``remove`` are
+    * An entry is one ``(channel, client_id)`` with its ``user``; a user's ``info`` is the one
+      its latest ``add`` gave (kept while the user has entries). ``add`` and ``remove`` are
       atomic with their answer: exactly one of several concurrent ``add`` calls for a user's
       connections sees the user as new, and exactly one ``remove`` sees it leave, so join and
       leave events are neither doubled nor lost while the store is reachable.
@@ -33,7 +41,8 @@ class PresenceStore(abc.ABC):
     """
 
     @abc.abstractmethod
-    def add(self, channel: str, client_id: str, user: str) -> bool:
+    def add(self, channel: str, client_id: str, user: str,
+            info: Mapping[str, Any] | None = None) -> bool:
         """Record the connection; True when it is the user's first one in ``channel``."""
 
     @abc.abstractmethod

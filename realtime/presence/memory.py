@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from .base import PresenceMember, PresenceStore
 
 
@@ -11,8 +14,13 @@ class MemoryPresenceStore(PresenceStore):
     def __init__(self) -> None:
         # channel -> user -> client ids
         self._channels: dict[str, dict[str, set[str]]] = {}
+        # (channel, user) -> info, for users whose token had one
+        self._info: dict[tuple[str, str], Mapping[str, Any]] = {}
 
-    def add(self, channel: str, client_id: str, user: str) -> bool:
+    def add(self, channel: str, client_id: str, user: str,
+            info: Mapping[str, Any] | None = None) -> bool:
+        if info is not None:
+            self._info[channel, user] = info
         users = self._channels.setdefault(channel, {})
         clients = users.get(user)
         if clients is None:
@@ -32,10 +40,12 @@ class MemoryPresenceStore(PresenceStore):
         if clients:
             return False
         del users[user]
+        self._info.pop((channel, user), None)
         if not users:
             del self._channels[channel]
         return True
 
     def members(self, channel: str) -> list[PresenceMember]:
         users = self._channels.get(channel, {})
-        return [PresenceMember(user, len(clients)) for user, clients in sorted(users.items())]
+        return [PresenceMember(user, len(clients), self._info.get((channel, user)))
+                for user, clients in sorted(users.items())]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from typing import Any
+
 import redis
 
 from ..redis_support import LuaScript, presence_keys, translate_redis_errors
@@ -9,8 +13,9 @@ from ..redis_wire import CommandPipe
 from .base import PresenceMember, PresenceStore
 
 # KEYS: entry expiries (zset client -> expires_at_ms), entry users (hash client -> user),
-# connection counts (hash user -> count). Every script first drops expired entries, so
-# counts only ever include live entries, and join/leave answers stay exact.
+# connection counts (hash user -> count), users' info (hash user -> JSON). Every script first
+# drops expired entries, so counts only ever include live entries, and join/leave answers
+# stay exact.
 _EXPIRE_STALE = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -21,11 +26,13 @@ for _, client in ipairs(stale) do
   redis.call('HDEL', KEYS[2], client)
   if user and redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
     redis.call('HDEL', KEYS[3], user)
+    redis.call('HDEL', KEYS[4], user)
   end
 end
 """
 
-# ARGV: client, user, ttl_ms. Returns 1 when this is the user's first connection.
+# ARGV: client, user, ttl_ms, info (JSON, or "" for none). Returns 1 when this is the user's
+# first connection.
 ADD_SCRIPT = LuaScript(_EXPIRE_STALE + """
 local ttl_ms = tonumber(ARGV[3])
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -35,7 +42,8 @@ if not known then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
   if redis.call('HINCRBY', KEYS[3], ARGV[2], 1) == 1 then first = 1 end
 end
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], ARGV[2], ARGV[4]) end
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
 return first
 """)
 
@@ -47,6 +55,7 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 if redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
   redis.call('HDEL', KEYS[3], user)
+  redis.call('HDEL', KEYS[4], user)
   return 1
 end
 return 0
@@ -62,12 +71,12 @@ for i = 2, #ARGV, 2 do
   end
   redis.call('ZADD', KEYS[1], now_ms + ttl_ms, ARGV[i])
 end
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
 return 0
 """)
 
 MEMBERS_SCRIPT = LuaScript(_EXPIRE_STALE + """
-return redis.call('HGETALL', KEYS[3])
+return {redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4])}
 """)
 
 
@@ -84,10 +93,12 @@ class RedisPresenceStore(PresenceStore):
         self._ttl_ms = max(1, int(ttl * 1000))
         self._pipe = CommandPipe(url, timeout=timeout)
 
-    def add(self, channel: str, client_id: str, user: str) -> bool:
+    def add(self, channel: str, client_id: str, user: str,
+            info: Mapping[str, Any] | None = None) -> bool:
+        encoded = json.dumps(info, separators=(",", ":")) if info is not None else ""
         with translate_redis_errors("presence add"):
             return self._pipe.run_script(ADD_SCRIPT, presence_keys(channel),
-                                         [client_id, user, self._ttl_ms]) == 1
+                                         [client_id, user, self._ttl_ms, encoded]) == 1
 
     def remove(self, channel: str, client_id: str, user: str) -> bool:
         with translate_redis_errors("presence remove"):
@@ -96,9 +107,11 @@ class RedisPresenceStore(PresenceStore):
 
     def members(self, channel: str) -> list[PresenceMember]:
         with translate_redis_errors("presence"):
-            flat = self._pipe.run_script(MEMBERS_SCRIPT, presence_keys(channel), [])
+            flat, flat_info = self._pipe.run_script(MEMBERS_SCRIPT, presence_keys(channel), [])
         counts = {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return [PresenceMember(user, counts[user]) for user in sorted(counts)]
+        infos = {flat_info[i].decode(): json.loads(flat_info[i + 1])
+                 for i in range(0, len(flat_info), 2)}
+        return [PresenceMember(user, counts[user], infos.get(user)) for user in sorted(counts)]
 
     def refresh(self, entries: list[tuple[str, str, str]]) -> None:
         if not entries:

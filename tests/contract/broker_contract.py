@@ -2,7 +2,9 @@
 
 A subclass provides a ``broker_factory`` fixture: ``broker_factory()`` returns a new, started
 broker wired to a :class:`RecordingHandler`, as ``(broker, handler)``, all sharing one backend
-(so that two of them behave like two nodes).
+(so that two of them behave like two nodes); and a ``stored`` fixture: ``stored(prefix)``
+returns a comparable snapshot of what the backend holds for channels whose names start with
+``prefix`` (that changes whenever anything is stored for one of them).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import uuid
 
 import pytest
 
-from realtime.broker import HistoryOptions
+from realtime.broker import NO_STREAM, HistoryOptions
 from tests.helpers import wait_until
 
 KEEP = HistoryOptions(size=100, ttl=300)
@@ -41,14 +43,32 @@ class BrokerContract:
         assert broker.publish(b, 1, user=None, history=KEEP).offset == 1
         assert broker.publish(a, 2, user=None, history=KEEP).offset == 2
 
-    def test_history_of_a_new_channel_is_empty_with_a_stable_epoch(self, node):
+    def test_reads_of_unknown_channels_answer_epoch_none_and_store_nothing(self, node, stored):
+        broker, _ = node
+        prefix = unique("unread")
+        before = stored(prefix)
+        for i in range(20):
+            channel = f"{prefix}-{i}"
+            for result in (broker.history(channel, options=KEEP),
+                           broker.history(channel, limit=0, options=KEEP),
+                           broker.history(channel, limit=5, options=KEEP),
+                           broker.history(channel, since_offset=0, options=KEEP),
+                           broker.history(channel, since_offset=9, options=KEEP)):
+                assert result.publications == [] and result.position == NO_STREAM
+        assert stored(prefix) == before
+        broker.publish(f"{prefix}-0", "x", user=None, history=KEEP)
+        assert stored(prefix) != before  # the snapshot does see what a publish stores
+
+    def test_the_first_publish_after_reads_starts_a_stream_at_offset_one(self, node):
         broker, _ = node
         channel = unique("c")
-        first = broker.history(channel, options=KEEP)
-        assert first.publications == [] and first.position.offset == 0
-        assert first.position.epoch
-        published = broker.publish(channel, "x", user=None, history=KEEP)
-        assert published.epoch == first.position.epoch
+        for _ in range(3):
+            broker.history(channel, options=KEEP)
+        first = broker.publish(channel, "x", user=None, history=KEEP)
+        assert first.offset == 1 and first.epoch != NO_STREAM.epoch
+        after = broker.history(channel, options=KEEP)
+        assert after.position == first
+        assert [(p.offset, p.data) for p in after.publications] == [(1, "x")]
 
     def test_history_returns_publications_oldest_first_with_their_fields(self, node):
         broker, _ = node
@@ -104,11 +124,11 @@ class BrokerContract:
         brief = HistoryOptions(size=10, ttl=0.2, meta_ttl=0.4)
         old = broker.publish(channel, "x", user=None, history=brief)
 
-        def restarted():
+        def forgotten():
             # Only reads here: a read must not keep an expired stream alive by itself.
-            return broker.history(channel, options=brief).position.epoch != old.epoch
+            return broker.history(channel, options=brief).position == NO_STREAM
 
-        wait_until(restarted, message="a new epoch")
+        wait_until(forgotten, message="the stream to be forgotten")
         fresh = broker.publish(channel, "y", user=None, history=brief)
         assert fresh.epoch != old.epoch and fresh.offset == 1
 

@@ -54,3 +54,17 @@ class PresenceContract:
         store.add(channel, "c1", "alice")
         store.refresh([(channel, "c1", "alice")])
         assert store.members(channel) == [PresenceMember("alice", 1)]
+
+    def test_a_users_info_is_shown_while_it_is_present(self, store):
+        channel = unique("room")
+        store.add(channel, "c1", "alice", {"name": "Alice", "role": "admin"})
+        store.add(channel, "c2", "bob")
+        assert store.members(channel) == [
+            PresenceMember("alice", 1, {"name": "Alice", "role": "admin"}),
+            PresenceMember("bob", 1)]
+        store.add(channel, "c3", "alice", {"name": "Alice B."})  # the latest connection's
+        assert store.members(channel)[0].info == {"name": "Alice B."}
+        store.remove(channel, "c1", "alice")
+        store.remove(channel, "c3", "alice")
+        store.add(channel, "c4", "alice")  # back without info: none left over
+        assert store.members(channel)[0] == PresenceMember("alice", 1)

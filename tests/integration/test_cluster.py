@@ -20,7 +20,9 @@ NODES = ("n1", "n2", "n3")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = LocalCluster(workdir=tmp_path_factory.mktemp("cluster"), nodes=3).start()
+    # One test publishes 300 events without waiting for acks: a budget above that.
+    cluster = LocalCluster(workdir=tmp_path_factory.mktemp("cluster"), nodes=3,
+                           node_args=["--events-burst", "1000"]).start()
 
     def every_node_sees_every_node() -> bool:
         return all(len(requests.get(f"{url}/api/info", timeout=5).json()["nodes"]) == 3
@@ -128,6 +130,7 @@ def test_history_and_presence_are_the_same_from_every_node(cluster, channel, cli
 
 
 def test_join_and_leave_cross_nodes(cluster, channel, clients):
+    channel = "chat:" + channel  # the namespace with join and leave events
     watcher = connect_client(cluster.node_urls["n1"], "websocket", "watcher")
     clients.append(watcher)
     watcher.call("subscribe", {"channel": channel}, timeout=10)

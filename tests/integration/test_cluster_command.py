@@ -18,12 +18,6 @@ from realtime.cluster import ClusterError, LocalCluster, find_executable, redis_
 from tests.helpers import free_port, wait_until
 from tests.integration.processes import REPO, ManagedProcess, wait_port_closed
 
-try:
-    find_executable("nginx")
-    find_executable("redis-server")
-except ClusterError as exc:
-    pytest.skip(str(exc), allow_module_level=True)
-
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 URL_PID_RE = re.compile(r"^  (?P<name>.+?) +(?P<url>\S+://\S+) +(?:nginx )?pid (?P<pid>\d+)$",

@@ -21,6 +21,7 @@ WAYS = ["websocket", "polling", "default",
 
 @pytest.mark.parametrize("way", WAYS)
 def test_the_official_client_speaks_the_protocol(single_node, channel, way):
+    channel = "chat:" + channel  # a namespace with join and leave events
     summary = run_official_client(single_node.url, way, channel, PUBLISHES)
     user = summary["user"]
     assert summary["transport"] == ("polling" if way.endswith("polling") else "websocket")

@@ -92,6 +92,7 @@ def test_live_messages_follow_the_subscribe_ack_never_before_never_twice(single_
 
 
 def test_history_presence_and_join_leave(single_node, channel, clients, way):
+    channel = "chat:" + channel  # the namespace with join and leave events
     watcher = connect_client(single_node.url, way, "watcher")
     clients.append(watcher)
     watcher.call("subscribe", {"channel": channel}, timeout=10)

@@ -7,12 +7,16 @@ import msgpack
 import pytest
 import redis
 
-from realtime.broker import HistoryOptions
+from realtime.app import create_app
+from realtime.broker import NO_STREAM, HistoryOptions
 from realtime.broker.redis import RedisBroker
-from realtime.errors import Unavailable
+from realtime.config import Config
+from realtime.control import encode_control
+from realtime.emitter import Emitter
+from realtime.errors import BadRequest, Unavailable
 from realtime.presence import PresenceMember
 from realtime.presence.redis import RedisPresenceStore
-from realtime.redis_support import CONTROL_CHANNEL, pubsub_channel, stream_keys
+from realtime.redis_support import CONTROL_CHANNEL, KEY_PREFIX, pubsub_channel, stream_keys
 from tests.contract.broker_contract import BrokerContract, unique
 from tests.contract.presence_contract import PresenceContract
 from tests.helpers import RecordingHandler, wait_until
@@ -40,6 +44,13 @@ class TestRedisBroker(BrokerContract):
     def broker_factory(self, make_broker):
         # Each call is another node on the same Redis.
         return make_broker
+
+    @pytest.fixture
+    def stored(self, redis_server):
+        # Every key of a channel carries its name as the hash tag: rt:{channel}:...
+        client = redis.Redis.from_url(redis_server.url)
+        yield lambda prefix: sorted(client.keys(f"{KEY_PREFIX}:{{{prefix}*"))
+        client.close()
 
 
 class TestRedisPresence(PresenceContract):
@@ -80,11 +91,92 @@ def test_losing_the_stream_meta_starts_a_new_epoch(make_broker, redis_server):
     broker, _ = make_broker()
     channel = unique("c")
     old = broker.publish(channel, 1, user=None, history=KEEP)
-    _, meta_key = stream_keys(channel)
-    redis.Redis.from_url(redis_server.url).delete(meta_key)  # as an eviction or restart would
-    fresh = broker.history(channel, options=KEEP)
-    assert fresh.position.epoch != old.epoch
-    assert fresh.position.offset == 0 and fresh.publications == []
+    list_key, meta_key = stream_keys(channel)
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete(meta_key)  # as an eviction or restart would
+    lost = broker.history(channel, options=KEEP)
+    assert lost.position == NO_STREAM and lost.publications == []
+    assert client.exists(list_key), "a read writes nothing, not even a cleanup"
+    fresh = broker.publish(channel, 2, user=None, history=KEEP)
+    assert fresh.epoch not in (old.epoch, "") and fresh.offset == 1
+    assert [p.data for p in broker.history(channel, options=KEEP).publications] == [2]
+
+
+def test_1000_reads_of_distinct_channels_create_no_key(tmp_path):
+    from tests.integration.processes import RedisProcess
+
+    server = RedisProcess(tmp_path).wait_ready()  # its own, so DBSIZE counts only this test
+    broker = RedisBroker(server.url, timeout=2)
+    broker.start(RecordingHandler())
+    client = redis.Redis.from_url(server.url)
+    try:
+        for i in range(1000):
+            options = dict(({}, {"limit": 0}, {"since_offset": 0})[i % 3])
+            result = broker.history(f"read-only-{i}", options=KEEP, **options)
+            assert result.position == NO_STREAM
+        assert client.dbsize() == 0
+        broker.publish("read-only-0", "x", user=None, history=KEEP)
+        assert client.dbsize() == 2  # what one publish stores: the history list and its meta
+    finally:
+        client.close()
+        broker.close()
+        server.stop()
+
+
+def test_history_never_returns_a_publication_past_its_ttl_while_its_list_lives(make_broker,
+                                                                               redis_server):
+    broker, _ = make_broker()
+    channel = unique("c")
+    broker.publish(channel, "brief", user=None, history=HistoryOptions(size=10, ttl=0.2))
+    # This publish refreshes the list's expiry to 300 s: "brief" stays stored past its TTL.
+    broker.publish(channel, "kept", user=None, history=KEEP)
+    wait_until(lambda: [p.data for p in broker.history(channel, options=KEEP).publications]
+               == ["kept"], message="the brief publication to expire")
+    assert [p.data for p in broker.history(channel, since_offset=0,
+                                           options=KEEP).publications] == ["kept"]
+    list_key, _ = stream_keys(channel)
+    assert redis.Redis.from_url(redis_server.url).llen(list_key) == 2
+
+
+def test_a_lone_surrogate_is_a_bad_request_not_an_outage(make_broker, redis_server):
+    broker, _ = make_broker()
+    channel = unique("c")
+    with pytest.raises(BadRequest):
+        broker.publish(channel, "x", user="\ud800", history=KEEP)
+    with pytest.raises(BadRequest):
+        broker.publish(channel + "\ud800", "x", user=None, history=KEEP)
+    results = broker.publish_many([(channel, 1, None), (channel, 2, "\udfff"),
+                                   (channel + "\ud800", 3, None), (channel, 4, None)],
+                                  history=KEEP)
+    assert isinstance(results[1], BadRequest) and isinstance(results[2], BadRequest)
+    assert [results[0].offset, results[3].offset] == [1, 2]
+    with pytest.raises(BadRequest):
+        broker.publish_join(channel, "\ud800")
+    with pytest.raises(BadRequest):
+        broker.publish_control(encode_control("n1", "disconnect", user="\ud800", req="r"))
+    store = RedisPresenceStore(redis_server.url, ttl=30)
+    try:
+        with pytest.raises(BadRequest):
+            store.add(channel, "c1", "\ud800")
+        assert store.add(channel, "c1", "alice") is True  # the connection is still good
+    finally:
+        store.close()
+    with Emitter(redis_server.url) as emitter, pytest.raises(BadRequest):
+        emitter.disconnect("\ud800")
+    assert broker.publish(channel, "after", user="bob", history=KEEP).offset == 3
+
+
+def test_api_disconnect_of_a_lone_surrogate_user_is_400_on_redis(redis_server):
+    realtime = create_app(Config(node_id="surrogate", broker=redis_server.url))
+    realtime.start()
+    try:
+        http = realtime.app.test_client()
+        response = http.post("/api/disconnect", json={"user": "\ud800"})
+        assert response.status_code == 400
+        assert response.json["error"]["code"] == "bad_request"
+        assert http.post("/api/disconnect", json={"user": "nobody"}).json == {"disconnected": 0}
+    finally:
+        realtime.stop()
 
 
 def test_presence_entries_expire_without_refresh(redis_server):

@@ -11,9 +11,10 @@ class FakeSubscriber:
     """A hub subscriber that records frames; runs ``after_reply`` callbacks only when the test
     says the reply left."""
 
-    def __init__(self, client_id, user, node=None):
+    def __init__(self, client_id, user, node=None, identity=None):
         self.client_id = client_id
         self.user = user
+        self.identity = identity
         self.channels: set[str] = set()
         self.pending: dict = {}
         self.sent: list = []

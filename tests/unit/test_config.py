@@ -62,7 +62,7 @@ def test_allowed_origins():
 
 def test_sections_secrets_from_files_and_lists(tmp_path):
     secret = tmp_path / "jwt-secret"
-    secret.write_text("s3cret\n")
+    secret.write_text("s3cret-" + "x" * 30 + "\n")
     keys = tmp_path / "api-keys"
     keys.write_text("# the keys of the two backends\nkey-one\n\nkey-two\n")
     config_file = tmp_path / "realtime.toml"
@@ -71,16 +71,21 @@ def test_sections_secrets_from_files_and_lists(tmp_path):
         'allow_anonymous = true\n[limits]\nmax_subscriptions = 12\nevents_per_second = 5\n')
     config = Config.load(environ={"REALTIME_API_KEYS_FILE": str(keys)},
                          config_file=str(config_file))
-    assert config.jwt_secret == "s3cret" and config.jwt_audience == "realtime"
+    assert config.jwt_secret == "s3cret-" + "x" * 30 and config.jwt_audience == "realtime"
     assert config.allow_anonymous is True and config.jwt_configured
     assert config.api_keys == ["key-one", "key-two"]
     assert config.max_subscriptions == 12 and config.events_per_second == 5.0
     assert "s3cret" not in repr(config) and "key-one" not in repr(config)
 
 
+def test_hs256_secrets_shorter_than_32_bytes_are_refused():
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        Config.load({"jwt_secret": "short"}, environ={})
+
+
 def test_environment_lists_and_booleans():
     config = Config.load(environ={"REALTIME_API_KEYS": "a, b", "REALTIME_ALLOW_ANONYMOUS": "1",
-                                  "REALTIME_JWT_SECRET": "x"})
+                                  "REALTIME_JWT_SECRET": "x" * 32})
     assert config.api_keys == ["a", "b"] and config.allow_anonymous is True
     with pytest.raises(ConfigError, match="allow_anonymous must be true or false"):
         Config.load(environ={"REALTIME_ALLOW_ANONYMOUS": "maybe"})
@@ -88,17 +93,17 @@ def test_environment_lists_and_booleans():
 
 def test_a_later_layer_wins_even_between_a_value_and_a_file(tmp_path):
     secret = tmp_path / "secret"
-    secret.write_text("from-file")
+    secret.write_text("from-file-" + "f" * 30)
     config = Config.load({"jwt_secret_file": str(secret)},
-                         environ={"REALTIME_JWT_SECRET": "from-env"})
-    assert config.jwt_secret == "from-file"
+                         environ={"REALTIME_JWT_SECRET": "from-env-" + "e" * 30})
+    assert config.jwt_secret == "from-file-" + "f" * 30
     with pytest.raises(ConfigError, match="not both"):
         Config.load({"jwt_secret": "a", "jwt_secret_file": str(secret)}, environ={})
 
 
 @pytest.mark.parametrize("layers,message", [
-    ({"jwt_secret": "a", "jwt_jwks_url": "https://x/jwks"}, "give one of"),
-    ({"jwt_previous_secret": "a"}, "needs jwt_secret"),
+    ({"jwt_secret": "a" * 32, "jwt_jwks_url": "https://x/jwks"}, "give one of"),
+    ({"jwt_previous_secret": "a" * 32}, "needs jwt_secret"),
     ({"jwt_public_key": "/no/such/key.pem"}, "no such file"),
     ({"jwt_jwks_url": "file:///etc/passwd"}, "http"),
     ({"trusted_proxies": "not-an-address"}, "trusted_proxies"),
@@ -144,8 +149,8 @@ def test_the_cluster_command_gives_nodes_secrets_in_their_environment_only():
     from realtime.cli import node_auth_settings
 
     args = build_parser().parse_args(
-        ["cluster", "--jwt-secret", "s3cret", "--api-key", "k1", "--api-key", "k2",
+        ["cluster", "--jwt-secret", "s3cret" * 6, "--api-key", "k1", "--api-key", "k2",
          "--jwt-audience", "realtime", "--allow-anonymous"])
     flags, env = node_auth_settings(args)
     assert flags == ["--jwt-audience", "realtime", "--allow-anonymous"]
-    assert env == {"REALTIME_JWT_SECRET": "s3cret", "REALTIME_API_KEYS": "k1,k2"}
+    assert env == {"REALTIME_JWT_SECRET": "s3cret" * 6, "REALTIME_API_KEYS": "k1,k2"}

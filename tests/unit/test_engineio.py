@@ -107,13 +107,14 @@ def test_the_handshake_opens_a_session_named_after_the_node(realtime):
 
 def test_events_and_acks_over_long_polling(realtime):
     client = connected(realtime)
-    assert client.post('421["subscribe",{"channel":"c"}]', '422["publish",'
-                       '{"channel":"c","data":"hi"}]') == (200, b"ok")
+    assert client.post('421["subscribe",{"channel":"chat:c"}]', '422["publish",'
+                       '{"channel":"chat:c","data":"hi"}]') == (200, b"ok")
     packets = client.get_until(lambda p: p.startswith("432"))
     assert [p[:3] for p in packets if p[:2] == "43"] == ["431", "432"]
     events = [json.loads(p[2:]) for p in packets if p.startswith("42[")]
-    assert events == [["join", {"channel": "c", "user": "alice"}],
-                      ["message", {"channel": "c", "offset": 1, "data": "hi", "user": "alice"}]]
+    assert events == [["join", {"channel": "chat:c", "user": "alice"}],
+                      ["message", {"channel": "chat:c", "offset": 1, "data": "hi",
+                                   "user": "alice"}]]
 
 
 def test_msgpack_clients_on_long_polling_send_and_get_binary_records(realtime):
@@ -356,3 +357,18 @@ def test_a_second_upgrade_is_refused_while_one_is_probed(realtime):
     engine.handle_websocket(handler)
     answer = client_end.recv(4096)
     assert answer.startswith(b"HTTP/1.1 400") and b"cannot be upgraded now" in answer
+
+
+@pytest.mark.parametrize("host,ok", [
+    ("app.example", True), ("APP.example:8443", True), ("evil.example", False),
+    ("[::1]:5000", True), ("", False), ("app.example.evil:80", False),
+])
+def test_allowed_hosts_apply_to_every_request(host, ok):
+    realtime = create_app(Config(node_id="h", allowed_hosts="app.example,::1"))
+    status, _, body = call(realtime, "GET", "EIO=4&transport=polling",
+                           headers={"HTTP_HOST": host})
+    assert (status == 200) is ok, body
+    from werkzeug.test import Client
+
+    response = Client(realtime.wsgi).get("/healthz", headers={"Host": host})
+    assert response.status_code == (200 if ok else 400)

@@ -2,7 +2,9 @@
 
 import pytest
 
+from realtime.app import create_app
 from realtime.codecs import PacketType
+from realtime.config import Config
 from tests.helpers import wait_until
 
 
@@ -93,8 +95,148 @@ def test_non_json_bodies_and_huge_bodies(http):
     assert response.status_code == 413 and response.json["error"]["code"] == "too_large"
 
 
-def test_the_api_answers_loopback_only(http):
+KEY, OTHER_KEY = "k-" + "a" * 30, "k-" + "b" * 30
+
+
+@pytest.fixture
+def make_http():
+    """``make_http(**config)``: a test client of a node of its own, built with ``config``."""
+    started = []
+
+    def make(**settings):
+        instance = create_app(Config(node_id="unit", **settings))
+        instance.start()
+        started.append(instance)
+        return instance.app.test_client()
+
+    yield make
+    for instance in started:
+        instance.stop()
+
+
+def call(http, path="/api/info", *, peer="127.0.0.1", **headers):
+    """GET ``path`` from ``peer`` with ``headers`` (underscores in names become dashes)."""
+    return http.get(path, environ_base={"REMOTE_ADDR": peer},
+                    headers={name.replace("_", "-"): value for name, value in headers.items()})
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.data
+    assert response.mimetype == "application/json"
+    assert response.json["error"]["code"] == code and response.json["error"]["message"]
+
+
+@pytest.fixture
+def keyed(make_http):
+    return make_http(api_keys=[KEY, OTHER_KEY])
+
+
+def test_with_keys_a_request_without_a_key_gets_401_with_a_challenge(keyed):
+    response = call(keyed)
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"] == "apikey"
+    assert "apikey" in response.json["error"]["message"]
+
+
+@pytest.mark.parametrize("authorization", [
+    "apikey wrong", "apikey " + KEY[:-1], "apikey " + KEY + "x", "apikey", "apikey  ",
+    "Bearer " + KEY, KEY, "apikey" + KEY, "apikey " + KEY.upper(),
+])
+def test_with_keys_a_wrong_or_malformed_key_gets_401(keyed, authorization):
+    response = call(keyed, Authorization=authorization)
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"] == "apikey"
+
+
+@pytest.mark.parametrize("key", [KEY, OTHER_KEY])
+def test_with_keys_any_configured_key_is_accepted_from_anywhere(keyed, key):
+    assert call(keyed, Authorization=f"apikey {key}").status_code == 200
+    assert call(keyed, peer="203.0.113.9", Authorization=f"ApiKey  {key} ").status_code == 200
+    response = keyed.post("/api/publish", json={"channel": "c", "data": 1},
+                          environ_base={"REMOTE_ADDR": "2001:db8::9"},
+                          headers={"Authorization": f"apikey {key}"})
+    assert response.status_code == 200 and response.json["offset"] >= 1
+
+
+def test_with_keys_loopback_without_a_key_is_refused_too(keyed):
+    assert_error(call(keyed, peer="127.0.0.1"), 401, "unauthorized")
+    assert_error(call(keyed, peer="::1"), 401, "unauthorized")
+
+
+def test_with_keys_every_api_path_is_guarded_even_unknown_ones(keyed):
+    assert_error(call(keyed, "/api/nothing-here"), 401, "unauthorized")
+    assert_error(keyed.get("/api/publish"), 401, "unauthorized")  # a method no route takes
+    assert_error(keyed.post("/api/publish", data="{nope", content_type="application/json"),
+                 401, "unauthorized")
+    # once in, the usual answers
+    assert_error(call(keyed, "/api/nothing-here", Authorization=f"apikey {KEY}"), 404,
+                 "not_found")
+
+
+def test_keys_do_not_guard_what_is_not_the_api(keyed):
+    assert keyed.get("/healthz").status_code == 200
+    assert keyed.get("/readyz").status_code == 200
+    assert "WWW-Authenticate" not in keyed.get("/no-such-page").headers
+
+
+def test_api_keys_are_compared_in_constant_time(keyed, monkeypatch):
+    import hmac
+
+    from realtime import http_api
+
+    compared = []
+    real_compare = hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real_compare(a, b)
+
+    monkeypatch.setattr(http_api.hmac, "compare_digest", spy)
+    assert call(keyed, Authorization=f"apikey {KEY}").status_code == 200
+    # every key is compared (not only up to the first match), always as 32-byte digests
+    assert len(compared) == 2 and all(len(a) == len(b) == 32 for a, b in compared)
+
+
+def test_without_keys_loopback_clients_are_answered(http):
+    assert call(http, peer="127.0.0.1").status_code == 200
+    assert call(http, peer="127.5.6.7").status_code == 200
+    assert call(http, peer="::1").status_code == 200
+    assert call(http, peer="::ffff:127.0.0.1").status_code == 200
+
+
+@pytest.mark.parametrize("peer", ["10.1.2.3", "203.0.113.9", "2001:db8::1"])
+def test_without_keys_other_clients_get_403(http, peer):
     response = http.post("/api/publish", json={"channel": "c", "data": 1},
-                         environ_base={"REMOTE_ADDR": "10.1.2.3"})
-    assert response.status_code == 403 and response.json["error"]["code"] == "forbidden"
-    assert http.get("/api/info", environ_base={"REMOTE_ADDR": "::1"}).status_code == 200
+                         environ_base={"REMOTE_ADDR": peer})
+    assert_error(response, 403, "forbidden")
+    assert "WWW-Authenticate" not in response.headers
+    assert_error(call(http, "/api/nothing-here", peer=peer), 403, "forbidden")
+
+
+def test_without_keys_a_key_does_not_open_the_api_to_other_hosts(http):
+    assert_error(call(http, peer="203.0.113.9", Authorization=f"apikey {KEY}"), 403, "forbidden")
+
+
+def test_without_keys_the_forwarded_for_of_an_untrusted_peer_is_ignored(http):
+    assert_error(call(http, peer="203.0.113.9", X_Forwarded_For="127.0.0.1"), 403, "forbidden")
+
+
+def test_without_keys_the_forwarded_for_of_a_trusted_proxy_names_the_client(http):
+    # nginx on the same machine: the peer is loopback, the client is who nginx says it is.
+    assert_error(call(http, peer="127.0.0.1", X_Forwarded_For="203.0.113.9"), 403, "forbidden")
+    assert call(http, peer="127.0.0.1", X_Forwarded_For="127.0.0.1").status_code == 200
+    # a client's own forgery to the left of what nginx appended changes nothing
+    assert_error(call(http, peer="127.0.0.1", X_Forwarded_For="127.0.0.1, 203.0.113.9"), 403,
+                 "forbidden")
+    # a garbled chain is no loopback client
+    assert_error(call(http, peer="127.0.0.1", X_Forwarded_For="127.0.0.1, junk"), 403,
+                 "forbidden")
+
+
+def test_trusted_proxies_come_from_the_configuration(make_http):
+    http = make_http(trusted_proxies="10.0.0.0/24")
+    # a proxy on 10.0.0.5 forwarding a local client: believed
+    assert call(http, peer="10.0.0.5", X_Forwarded_For="127.0.0.1").status_code == 200
+    assert_error(call(http, peer="10.0.0.5", X_Forwarded_For="10.9.9.9"), 403, "forbidden")
+    # loopback is no longer a trusted proxy: its header is ignored, the peer itself counts
+    assert call(http, peer="127.0.0.1", X_Forwarded_For="203.0.113.9").status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import resource
 import subprocess
@@ -13,12 +14,12 @@ from realtime.cluster import (
     NGINX_TEMPLATE,
     PLACEHOLDER_RE,
     WORKER_RLIMIT_NOFILE,
+    find_executable,
     nginx_command,
     render_nginx_config,
     render_template,
 )
 
-NGINX = Path("/usr/sbin/nginx")
 NODES = {"n1": "127.0.0.1:5001", "n2": "127.0.0.1:5002", "n3": "127.0.0.1:5003"}
 
 
@@ -108,13 +109,72 @@ def test_the_file_limit_stays_within_the_hard_limit(config):
     assert hard == resource.RLIM_INFINITY or limit <= hard
 
 
-@pytest.mark.skipif(not NGINX.exists(), reason="nginx is not installed")
 def test_nginx_accepts_the_configuration(tmp_path):
     # A 32-character id is the longest there is: it must fit nginx's map hash buckets.
     nodes = {**NODES, "x" * 32: "127.0.0.1:5004", "default": "127.0.0.1:5005"}
     conf = tmp_path / "nginx.conf"
     conf.write_text(render_nginx_config(nodes, "127.0.0.1:8080", tmp_path))
-    result = subprocess.run([*nginx_command(str(NGINX), tmp_path, conf), "-t"],
+    result = subprocess.run([*nginx_command(find_executable("nginx"), tmp_path, conf), "-t"],
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
+
+
+def location(config: str, path: str) -> str:
+    """The body of ``location <path>`` (its braces hold no nested blocks)."""
+    return block(config, f"location {path}")
+
+
+def directives(text: str, name: str) -> list[str]:
+    """The arguments of every ``name`` directive in ``text``, comments left out."""
+    return re.findall(rf"^\s*{re.escape(name)}\s+([^;]*);", re.sub(r"#.*", "", text), re.M)
+
+
+def test_the_forwarded_for_header_is_the_address_nginx_saw_not_the_clients_claim(config):
+    assert "$proxy_add_x_forwarded_for" not in config
+    for path in ("/socket.io/", "/"):
+        headers = directives(location(config, path), "proxy_set_header")
+        assert headers.count("X-Forwarded-For $remote_addr") == 1, path
+
+
+def test_socketio_connections_handshakes_and_requests_are_limited_per_address(config):
+    zones = {zone: (key, rate) for key, zone, rate
+             in re.findall(r"limit_req_zone (\S+) zone=(\w+):\S+ rate=(\S+);", config)}
+    assert zones == {
+        "realtime_handshakes": ("$realtime_handshake_client", "100r/s"),
+        "realtime_socketio_requests": ("$binary_remote_addr", "1000r/s"),
+        "realtime_http_requests": ("$binary_remote_addr", "5000r/s"),
+    }
+    assert directives(config, "limit_conn_zone") == [
+        "$binary_remote_addr zone=realtime_socketio_conn:10m",
+        "$binary_remote_addr zone=realtime_http_conn:10m"]
+    socketio = location(config, "/socket.io/")
+    assert directives(socketio, "limit_conn") == ["realtime_socketio_conn 2000"]
+    assert directives(socketio, "limit_req") == [
+        "zone=realtime_handshakes burst=2000 nodelay",
+        "zone=realtime_socketio_requests burst=2000 nodelay"]
+    # only requests without a sid naming a node are handshakes
+    handshake_map = block(config, "map $realtime_node $realtime_handshake_client")
+    assert directives(handshake_map, '""') == ["$binary_remote_addr"]
+    assert directives(handshake_map, "default") == ['""']
+
+
+def test_pages_and_the_api_are_limited_per_address(config):
+    everything_else = location(config, "/")
+    assert directives(everything_else, "limit_conn") == ["realtime_http_conn 512"]
+    assert directives(everything_else, "limit_req") == [
+        "zone=realtime_http_requests burst=5000 nodelay"]
+
+
+def test_refusals_answer_429_with_the_json_error_of_the_nodes(config):
+    assert directives(config, "limit_req_status") == ["429"]
+    assert directives(config, "limit_conn_status") == ["429"]
+    assert directives(config, "error_page") == ["429 @rate_limited"]
+    # (its JSON has braces of its own: up to the end of the server block, not `block`)
+    page = config[config.index("location @rate_limited {"):]
+    assert directives(page, "default_type") == ["application/json"]
+    (body,) = re.findall(r"return 429 '([^']*)';", page)
+    error = json.loads(body.replace("\\n", "\n"))
+    assert error["error"]["code"] == "rate_limited" and error["error"]["message"]
+    # the named location is for refusals only: nothing is limited or proxied there
+    assert "limit_" not in re.sub(r"#.*", "", page) and "proxy_pass" not in page

@@ -53,19 +53,29 @@ def test_recovery_from_the_future_is_not_recovered(node):
 
 
 def test_join_once_per_user_and_leave_with_the_last_connection(node):
+    # chat: is the namespace with join and leave events (they are off by default)
     watcher = connect(node, "w", "watcher")
-    node.subscribe(watcher, "ch")
+    node.subscribe(watcher, "chat:ch")
     watcher.reply_sent()
     first, second = connect(node, "a1", "alice"), connect(node, "a2", "alice")
-    node.subscribe(first, "ch")
-    node.subscribe(second, "ch")
-    node.unsubscribe(first, "ch")
+    node.subscribe(first, "chat:ch")
+    node.subscribe(second, "chat:ch")
+    node.unsubscribe(first, "chat:ch")
     assert watcher.events("leave") == []
     node.disconnect(second)
-    assert watcher.events("join") == [{"channel": "ch", "user": "watcher"},
-                                      {"channel": "ch", "user": "alice"}]
-    assert watcher.events("leave") == [{"channel": "ch", "user": "alice"}]
-    assert [m.user for m in node.presence("ch")] == ["watcher"]
+    assert watcher.events("join") == [{"channel": "chat:ch", "user": "watcher"},
+                                      {"channel": "chat:ch", "user": "alice"}]
+    assert watcher.events("leave") == [{"channel": "chat:ch", "user": "alice"}]
+    assert [m.user for m in node.presence("chat:ch")] == ["watcher"]
+
+
+def test_namespaces_without_join_leave_or_presence_send_no_events(node):
+    watcher = connect(node, "w", "watcher")
+    node.subscribe(watcher, "lobby")  # the default namespace: presence, no join/leave
+    watcher.reply_sent()
+    node.subscribe(connect(node, "a1", "alice"), "lobby")
+    assert watcher.events("join") == []
+    assert [m.user for m in node.presence("lobby")] == ["alice", "watcher"]
 
 
 def test_disconnect_user_closes_all_their_connections_and_counts_them(node):
@@ -111,10 +121,10 @@ def test_a_connection_that_leaves_while_subscribing_leaves_no_presence_behind(no
     alice = connect(node, "c1", "alice")
     add = node.presence_store.add
 
-    def disconnect_first(channel, client_id, user):
+    def disconnect_first(channel, client_id, user, info=None):
         # What a disconnect from another greenlet does while subscribe waits on Redis.
         node.disconnect(alice)
-        return add(channel, client_id, user)
+        return add(channel, client_id, user, info)
 
     node.presence_store.add = disconnect_first
     node.subscribe(alice, "ch")

@@ -15,8 +15,12 @@ def test_subscribe_answers_the_stream_position(connect):
     alice = connect("alice")
     ack = alice.emit("subscribe", {"channel": "news"})
     assert ack["ok"] is True and ack["channel"] == "news"
-    assert isinstance(ack["epoch"], str) and ack["epoch"]
-    assert ack["offset"] == 0 and ack["recovered"] is False and ack["publications"] == []
+    # nothing was ever published: no stream yet (epoch ""), and subscribing stores none
+    assert ack["epoch"] == "" and ack["offset"] == 0
+    assert ack["recovered"] is False and ack["publications"] == []
+    realtime_epoch = alice.emit("publish", {"channel": "news", "data": 1})["epoch"]
+    again = alice.emit("subscribe", {"channel": "news"})
+    assert again["epoch"] == realtime_epoch != "" and again["offset"] == 1
 
 
 def test_publish_reaches_every_subscriber_once_with_the_publisher(connect):
@@ -110,19 +114,19 @@ def test_history_returns_the_last_limit_publications(connect, realtime):
 
 def test_presence_counts_distinct_users_and_join_leave_events(connect):
     watcher = connect("watcher")
-    watcher.emit("subscribe", {"channel": "p"})
+    watcher.emit("subscribe", {"channel": "chat:p"})
     alice1, alice2 = connect("alice"), connect("alice")
-    alice1.emit("subscribe", {"channel": "p"})
-    alice2.emit("subscribe", {"channel": "p"})
-    ack = watcher.emit("presence", {"channel": "p"})
+    alice1.emit("subscribe", {"channel": "chat:p"})
+    alice2.emit("subscribe", {"channel": "chat:p"})
+    ack = watcher.emit("presence", {"channel": "chat:p"})
     assert ack == {"ok": True, "members": [{"user": "alice", "connections": 2},
                                            {"user": "watcher", "connections": 1}]}
-    wait_until(lambda: {"channel": "p", "user": "alice"} in watcher.events("join"))
-    assert watcher.events("join").count({"channel": "p", "user": "alice"}) == 1
-    alice1.emit("unsubscribe", {"channel": "p"})
+    wait_until(lambda: {"channel": "chat:p", "user": "alice"} in watcher.events("join"))
+    assert watcher.events("join").count({"channel": "chat:p", "user": "alice"}) == 1
+    alice1.emit("unsubscribe", {"channel": "chat:p"})
     alice2.disconnect()
     wait_until(lambda: watcher.events("leave"))
-    assert watcher.events("leave") == [{"channel": "p", "user": "alice"}]
+    assert watcher.events("leave") == [{"channel": "chat:p", "user": "alice"}]
 
 
 def test_anonymous_users_get_anon_sid(connect):
@@ -254,3 +258,145 @@ def test_a_connected_session_keeps_only_the_peer_and_origin_of_its_request(realt
     kept = client.session.request
     assert (kept.peer, kept.origin) == ("10.0.0.7", "http://app.example")
     assert dict(kept.headers) == {} and dict(kept.query) == {}
+
+
+# -- limits and tokens -------------------------------------------------------------------------
+
+def limited_app(**settings):
+    from realtime.app import create_app
+    from realtime.config import Config
+
+    instance = create_app(Config(node_id="lim", **settings))
+    instance.start()
+    return instance
+
+
+def test_events_past_the_budget_are_rate_limited_and_a_flood_disconnects(caplog):
+    caplog.set_level("INFO")
+    realtime = limited_app(events_per_second=1, events_burst=3)
+    try:
+        client = SessionClient(realtime.engine, JSON)
+        client.connect({"user": "flooder"})
+        ids = [client.emit_no_wait("history", {"channel": "c"}) for _ in range(5)]
+        answers = [client.wait_ack(i) for i in ids]
+        assert [a["ok"] for a in answers] == [True, True, True, False, False]
+        assert answers[3]["error"]["code"] == "rate_limited"
+        # ignoring rate_limited and sending another whole burst ends the session, for good
+        for _ in range(4):
+            client.emit_no_wait("history", {"channel": "c"})
+        assert client.session.closed
+        assert client.socketio_packets()[-1].type is PacketType.DISCONNECT
+        assert caplog.text.count("is over its event budget") == 1
+    finally:
+        realtime.stop()
+
+
+def test_the_budget_refills_with_time(monkeypatch):
+    realtime = limited_app(events_per_second=10, events_burst=1)
+    try:
+        clock = [1000.0]
+        monkeypatch.setattr("realtime.session.time.monotonic", lambda: clock[0])
+        client = SessionClient(realtime.engine, JSON)
+        client.connect({"user": "steady"})
+        assert client.emit("history", {"channel": "c"})["ok"]
+        assert client.emit("history", {"channel": "c"})["error"]["code"] == "rate_limited"
+        clock[0] += 0.1  # one event's worth
+        assert client.emit("history", {"channel": "c"})["ok"]
+    finally:
+        realtime.stop()
+
+
+def test_unknown_events_are_logged_once_per_session(connect, caplog):
+    caplog.set_level("INFO", logger="realtime.protocol")
+    client = connect("noisy")
+    for _ in range(20):
+        assert client.emit("no-such-event", {})["error"]["code"] == "bad_request"
+    assert caplog.text.count("no-such-event from") == 1
+
+
+def test_subscriptions_per_connection_are_capped():
+    realtime = limited_app(max_subscriptions=3)
+    try:
+        client = SessionClient(realtime.engine, JSON)
+        client.connect({"user": "hoarder"})
+        for i in range(3):
+            assert client.emit("subscribe", {"channel": f"c{i}"})["ok"]
+        refused = client.emit("subscribe", {"channel": "c3"})
+        assert refused["error"]["code"] == "rate_limited" and "3" in refused["error"]["message"]
+        assert client.emit("subscribe", {"channel": "c1"})["ok"]  # already subscribed: fine
+        client.emit("unsubscribe", {"channel": "c0"})
+        assert client.emit("subscribe", {"channel": "c3"})["ok"]
+    finally:
+        realtime.stop()
+
+
+def test_connections_per_user_are_capped_with_a_connect_error():
+    realtime = limited_app(max_connections_per_user=2)
+    try:
+        for _ in range(2):
+            assert SessionClient(realtime.engine, JSON).connect({"user": "many"}).type \
+                is PacketType.CONNECT
+        refused = SessionClient(realtime.engine, JSON).connect({"user": "many"})
+        assert refused.type is PacketType.CONNECT_ERROR
+        assert refused.data["message"] == "rate_limited"
+        assert "2 connections" in refused.data["data"]["reason"]
+        assert SessionClient(realtime.engine, JSON).connect({"user": "other"}).type \
+            is PacketType.CONNECT
+    finally:
+        realtime.stop()
+
+
+def test_a_bad_token_is_a_connect_error_with_the_reason(codec):
+    realtime = limited_app(jwt_secret="k" * 32)
+    try:
+        refused = SessionClient(realtime.engine, codec).connect({"user": "alice"})
+        assert refused.type is PacketType.CONNECT_ERROR
+        assert refused.data == {"message": "unauthorized", "data": {"reason": "token required"}}
+    finally:
+        realtime.stop()
+
+
+def test_a_token_expires_unless_refreshed_and_the_close_lets_the_client_reconnect():
+    import time as wall
+
+    import jwt as pyjwt
+
+    secret = "k" * 32
+    realtime = limited_app(jwt_secret=secret)
+    try:
+        soon = wall.time() + 30
+        token = pyjwt.encode({"sub": "alice", "exp": soon, "info": {"name": "A"}}, secret)
+        client = SessionClient(realtime.engine, JSON)
+        assert client.connect({"token": token}).type is PacketType.CONNECT
+        assert client.session.user == "alice" and client.session.identity.authenticated
+        later = int(wall.time()) + 3600
+        ack = client.emit("refresh", {"token": pyjwt.encode({"sub": "alice", "exp": later},
+                                                           secret)})
+        assert ack == {"ok": True, "expires_at": later}
+        mallory = pyjwt.encode({"sub": "mallory", "exp": later}, secret)
+        assert client.emit("refresh", {"token": mallory})["error"]["code"] == "unauthorized"
+        engine = realtime.engine
+        # past the first exp: the refreshed session stays open
+        engine._expire(wall.monotonic() + 60, wall=soon + 1)
+        assert not client.session.closed
+        other = SessionClient(engine, JSON)
+        other.connect({"token": token})
+        engine._expire(wall.monotonic() + 60, wall=soon + 1)
+        assert other.session.closed  # its token expired: closed
+        # a transport close (no DISCONNECT), so the official client reconnects for a new token
+        assert all(p.type is not PacketType.DISCONNECT for p in other.socketio_packets())
+    finally:
+        realtime.stop()
+
+
+def test_the_peer_is_the_real_client_behind_a_trusted_proxy():
+    from ipaddress import ip_network
+
+    from realtime.session import RequestContext
+
+    behind_nginx = {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": "203.0.113.9"}
+    loopback = (ip_network("127.0.0.0/8"),)
+    assert RequestContext.from_environ(behind_nginx, loopback).peer == "203.0.113.9"
+    # the same header from a peer that is not a trusted proxy is not believed
+    spoofed = {"REMOTE_ADDR": "198.51.100.4", "HTTP_X_FORWARDED_FOR": "127.0.0.1"}
+    assert RequestContext.from_environ(spoofed, loopback).peer == "198.51.100.4"

@@ -74,7 +74,9 @@ class Peer:
 
 @pytest.fixture
 def realtime():
-    instance = create_app(Config(node_id="ws", max_message_size=1000, max_outbound_buffer=4096))
+    # A budget no test here reaches: the event budget has tests of its own.
+    instance = create_app(Config(node_id="ws", max_message_size=1000, max_outbound_buffer=4096,
+                                 events_burst=100_000, events_per_second=100_000))
     instance.start()
     yield instance
     instance.stop()
@@ -110,11 +112,11 @@ def connected(open_peer, user="alice"):
 def test_connect_subscribe_publish_and_ack_order(open_peer, realtime):
     peer, session = connected(open_peer)
     assert session.user == "alice" and realtime.node.hub.get(session.client_id) is session
-    peer.send(client_frame('421["subscribe",{"channel":"c"}]'))
-    assert peer.text().startswith('431[{"ok":true,"channel":"c"')
-    assert json.loads(peer.text()[2:]) == ["join", {"channel": "c", "user": "alice"}]
-    realtime.node.publish("c", "x")
-    assert json.loads(peer.text()[2:]) == ["message", {"channel": "c", "offset": 1,
+    peer.send(client_frame('421["subscribe",{"channel":"chat:c"}]'))
+    assert peer.text().startswith('431[{"ok":true,"channel":"chat:c"')
+    assert json.loads(peer.text()[2:]) == ["join", {"channel": "chat:c", "user": "alice"}]
+    realtime.node.publish("chat:c", "x")
+    assert json.loads(peer.text()[2:]) == ["message", {"channel": "chat:c", "offset": 1,
                                                        "data": "x", "user": None}]
 
 
