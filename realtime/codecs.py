@@ -125,7 +125,9 @@ class JsonCodec(Codec):
         attachments = 0
         if kind in (PacketType.BINARY_EVENT, PacketType.BINARY_ACK):
             dash = message.find("-", index, index + 4)
-            if dash == -1 or not message[index:dash].isdigit():
+            count = message[index:dash]
+            # ASCII digits only: str.isdigit() also admits "²", which int() refuses.
+            if dash == -1 or not (count.isascii() and count.isdigit()):
                 raise PacketError("binary packet without an attachment count")
             attachments, index = int(message[index:dash]), dash + 1
             if not 0 < attachments <= MAX_ATTACHMENTS:

@@ -72,7 +72,8 @@ class ClientProtocol:
         try:
             handler = self._handlers.get(event) if isinstance(event, str) else None
             if handler is None:
-                if event in RESERVED_EVENTS:
+                # (an event name may be any JSON value: only strings are looked up)
+                if isinstance(event, str) and event in RESERVED_EVENTS:
                     raise BadRequest(f"{event!r} is a reserved event name")
                 raise BadRequest(f"unknown event {str(event)[:50]!r}")
             if len(args) != 1 or not isinstance(args[0], dict):

@@ -325,7 +325,18 @@ class RealtimeHandler(pywsgi.WSGIHandler):
         except OSError:
             return None  # the client went away while we waited for its request (peek)
         self._answered, self._received = True, False
+        if isinstance(result, tuple) and result[0] == "414":
+            result = ("414", error_response("414 URI Too Long", BadRequest(
+                "the request line is too long")))
         return result
+
+    def _handle_client_error(self, ex: Exception) -> tuple[str, bytes]:
+        # pywsgi's answer to a request it cannot parse (a malformed Content-Length, request
+        # line or header) is an empty 400 and an ERROR log line: ours is the JSON error every
+        # other refusal gets, and a throttled info line (it is the client's fault).
+        self.server.note_bad_request(self.client_address, ex)
+        return "400", error_response("400 Bad Request", BadRequest(
+            "this is not an HTTP request this node can read"))
 
     def read_request(self, raw_requestline: str) -> bool:
         try:
@@ -378,9 +389,20 @@ class RealtimeServer(pywsgi.WSGIServer):
         self.refused = 0  # connections answered 503 in the current burst
         self._last_refusal = 0.0
         self._burst_watch: gevent.Greenlet | None = None
+        self._bad_requests = 0  # unreadable requests not logged yet (note_bad_request)
+        self._bad_request_logged = 0.0
         self._refusal = error_response("503 Service Unavailable", Unavailable(
             f"this node holds its maximum of {max_connections} connections; retry in a "
             f"moment"), ("Retry-After: 1",))
+
+    def note_bad_request(self, client: Any, error: Exception) -> None:
+        """Log a request that could not be parsed: one line a second at most, with a count."""
+        now = time.monotonic()
+        self._bad_requests += 1
+        if now - self._bad_request_logged >= 1.0:
+            logger.info("refused %d unreadable request(s), the last from %s: %s",
+                        self._bad_requests, client, str(error)[:200])
+            self._bad_requests, self._bad_request_logged = 0, now
 
     @property
     def open_connections(self) -> int:

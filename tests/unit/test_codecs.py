@@ -39,6 +39,7 @@ def test_json_packets_decode(text, expected):
     "2" + "1" * 16 + '["x"]',          # an ack id longer than any client counts
     '2["x",NaN]', '2["x",Infinity]',   # not JSON, though Python's json reads them
     "2" + "[" * 3000 + "]" * 3000,     # nested past the decoder
+    '5²-["x",{"_placeholder":true,"num":0}]',  # a digit to str.isdigit(), not to int()
 ])
 def test_malformed_json_packets_are_packet_errors(text):
     with pytest.raises(PacketError) as raised:

@@ -180,6 +180,13 @@ def test_bad_input_gets_a_bad_request_ack(connect, event, payload):
     assert client.emit("subscribe", {"channel": "still-works"})["ok"] is True
 
 
+@pytest.mark.parametrize("name", [["publish"], {"a": 1}, 5, None])
+def test_an_event_name_that_is_not_a_string_gets_a_bad_request_ack(connect, name):
+    client = connect("alice")
+    ack = client.emit(name, {"channel": "c"})
+    assert ack["ok"] is False and ack["error"]["code"] == "bad_request"
+
+
 def test_an_event_with_no_argument_gets_an_error_ack(connect):
     client = connect("alice")
     ack = client.emit("subscribe")
