@@ -124,8 +124,9 @@ class EngineServer:
         self._expiries: dict[int, list[Session]] = collections.defaultdict(list)
         # WebSockets being probed for an upgrade -> (session, deadline)
         self._upgrades: dict[WebSocketTransport, tuple[Session, float]] = {}
-        # Every WebSocket this node adopted; the closed ones leave at the next tick
-        self._websockets: set[WebSocketTransport] = set()
+        # WebSockets this node adopted and that are not closed yet (a count, not a set: a
+        # set entry per idle connection would cost more than the rest of its bookkeeping)
+        self.websocket_count = 0
         self._ticker: gevent.Greenlet | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -149,10 +150,9 @@ class EngineServer:
     def session_count(self) -> int:
         return len(self.sessions)
 
-    @property
-    def websocket_count(self) -> int:
-        """WebSocket connections open on this node (those closed in the last second included)."""
-        return len(self._websockets)
+    def on_websocket_closed(self) -> None:
+        """A WebSocket transport this node adopted closed (it calls this once)."""
+        self.websocket_count -= 1
 
     def new_session(self, request: RequestContext) -> Session:
         """A session for a client that started with ``request`` (not yet on a transport)."""
@@ -221,7 +221,6 @@ class EngineServer:
             gevent.sleep(1.0)
 
     def _tick(self, now: float) -> None:
-        self._websockets = {ws for ws in self._websockets if not ws.closed}
         for second in [s for s in self._wheel if s <= now]:
             for session in self._wheel.pop(second):
                 if session.closed:
@@ -453,7 +452,7 @@ class EngineServer:
         with contextlib.suppress(OSError):  # not a TCP socket (a socket pair in tests)
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         transport = WebSocketTransport(session, sock, self.max_payload)
-        self._websockets.add(transport)
+        self.websocket_count += 1
         if probe:
             session.upgrade = transport
             self._upgrades[transport] = (session, time.monotonic() + UPGRADE_TIMEOUT)

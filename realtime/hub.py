@@ -85,6 +85,10 @@ class Hub:
     def sessions_of(self, user: str) -> list[Subscriber]:
         return list(self._by_user.get(user, ()))
 
+    def session_count_of(self, user: str) -> int:
+        """How many sessions ``user`` has on this node (O(1): no list is built)."""
+        return len(self._by_user.get(user, ()))
+
     @property
     def session_count(self) -> int:
         return len(self._sessions)

@@ -59,7 +59,7 @@ class ClientProtocol:
         """
         client_id = secrets.token_urlsafe(15)
         identity = self.authenticator.authenticate(session.request, auth, client_id)
-        held = len(self.node.hub.sessions_of(identity.user))
+        held = self.node.hub.session_count_of(identity.user)
         if held >= self.max_connections_per_user:
             raise RateLimited(f"user {identity.user!r} already has {held} connections on this "
                               f"node (the limit)")

@@ -105,8 +105,11 @@ class RequestContext:
         headers = {key[5:].lower().replace("_", "-"): value
                    for key, value in environ.items() if key.startswith("HTTP_")}
         origin = headers.get("origin")
-        peer = client_address(environ.get("REMOTE_ADDR"), headers.get("x-forwarded-for"),
-                              trusted_proxies)
+        forwarded_for = headers.get("x-forwarded-for")
+        # Parsing addresses costs more than the rest of a handshake's bookkeeping: only when
+        # there is a forwarded address to weigh.
+        peer = environ.get("REMOTE_ADDR") or "" if forwarded_for is None else client_address(
+            environ.get("REMOTE_ADDR"), forwarded_for, trusted_proxies)
         return cls(sys.intern(peer), sys.intern(origin) if origin else None, headers,
                    parse_query(environ.get("QUERY_STRING", "")))
 

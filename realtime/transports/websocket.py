@@ -217,3 +217,4 @@ class WebSocketTransport:
         self.writer = None
         self.outbuf, self.outsize = None, 0
         self.sock.close()
+        self.session.engine.on_websocket_closed()
