@@ -126,7 +126,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(RealtimeError)
     def realtime_error(exc: RealtimeError) -> tuple[Response, int]:
-        if exc.http_status >= 500:
+        # Unavailable (an outage) is the broker's to log, once; a line per request would
+        # bury it. Other server errors are worth a line each.
+        if exc.http_status >= 500 and not exc.temporary:
             logger.warning("%s %s: %s", request.method, request.path, exc.message)
         return jsonify(error=exc.to_dict()), exc.http_status
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from .broker.base import Publication
+from .broker.base import Publication, StreamPosition
 from .frames import EncodedEvent, EventBatch, OutboundFrame
 
 if TYPE_CHECKING:
@@ -33,7 +33,8 @@ class Subscriber(Protocol):
     user: str
     identity: Identity | None  # the token's identity, None for anonymous connections
     channels: set[str]
-    pending: dict[str, list[tuple[int | None, OutboundFrame]]]
+    # frames held back per channel, each with its publication (None for join/leave/reset)
+    pending: dict[str, list[tuple[Publication | None, OutboundFrame]]]
 
     def send(self, frame: OutboundFrame) -> None:
         """Write ``frame`` (one event or a batch). Never blocks, switches greenlets or raises."""
@@ -102,6 +103,9 @@ class Hub:
         """Channels with at least one local subscriber."""
         return list(self._subscribers)
 
+    def has_subscribers(self, channel: str) -> bool:
+        return channel in self._subscribers
+
     def presence_entries(self, part: int = 0, parts: int = 1) -> list[tuple[str, str, str]]:
         """The live ``(channel, client_id, user)`` of this node, for presence refreshes.
 
@@ -132,18 +136,21 @@ class Hub:
         subscribers.add(session)
         return Subscribed.ADDED
 
-    def activate(self, session: Subscriber, channel: str, after_offset: int) -> None:
-        """End the set-up of a subscription: send what was held back, newer than ``after_offset``.
+    def activate(self, session: Subscriber, channel: str, after: StreamPosition) -> None:
+        """End the set-up of a subscription: send what was held back, past ``after``.
 
-        Publications up to ``after_offset`` were already accounted for in the subscribe reply
-        (recovered, or before the client's starting point), so they are dropped here; join and
-        leave events are always sent.
+        Publications of ``after``'s stream up to its offset were already accounted for in the
+        subscribe reply (recovered, or before the client's starting point), so they are
+        dropped here; publications of another epoch (the stream was reset meanwhile) and join,
+        leave and reset events are always sent.
         """
         held = session.pending.pop(channel, None)
         if held is None or session.client_id not in self._sessions:
             return
-        for offset, frame in held:
-            if offset is None or offset > after_offset:
+        epoch, offset = after.epoch, after.offset
+        for publication, frame in held:
+            if publication is None or publication.offset > offset or (
+                    epoch and publication.epoch and publication.epoch != epoch):
                 session.send(frame)
 
     def remove_subscriber(self, session: Subscriber, channel: str) -> tuple[bool, bool]:
@@ -185,10 +192,18 @@ class Hub:
             for session in subscribers:
                 pending = session.pending
                 if pending and channel in pending:
-                    pending[channel].extend(
-                        (p.offset, event) for p, event in zip(batch, events, strict=True))
+                    pending[channel].extend(zip(batch, events, strict=True))
                 else:
                     session.send(frame)
+
+    def deliver_reset(self, channel: str, epoch: str, offset: int) -> None:
+        """Tell every local subscriber of ``channel`` that its stream broke (the ``reset``
+        event): it now stands at ``epoch``/``offset``, and what came before may be missing."""
+        subscribers = self._subscribers.get(channel)
+        if not subscribers:
+            return
+        frame = EncodedEvent("reset", {"channel": channel, "epoch": epoch, "offset": offset})
+        self._fan_out(channel, subscribers, frame)
 
     def deliver_presence_event(self, event: str, channel: str, user: str) -> None:
         """Send a ``join`` or ``leave`` event to every local subscriber of ``channel``."""
@@ -196,13 +211,14 @@ class Hub:
         if not subscribers:
             return
         frame = EncodedEvent(event, {"channel": channel, "user": user})
-        self._fan_out(channel, subscribers, None, frame)
+        self._fan_out(channel, subscribers, frame)
 
-    def _fan_out(self, channel: str, subscribers: set[Subscriber], offset: int | None,
+    def _fan_out(self, channel: str, subscribers: set[Subscriber],
                  frame: EncodedEvent) -> None:
+        """Send an event that is not a publication (never dropped by :meth:`activate`)."""
         for session in subscribers:
             pending = session.pending
             if pending and channel in pending:
-                pending[channel].append((offset, frame))
+                pending[channel].append((None, frame))
             else:
                 session.send(frame)

@@ -27,8 +27,10 @@ from .broker.base import (
 )
 from .channels import ChannelPolicy
 from .config import Config
+from .continuity import Continuity
 from .control import ControlMessageError, decode_control, encode_control
 from .errors import Forbidden, RealtimeError
+from .faults import FaultLog
 from .hub import Hub, Subscribed, Subscriber
 from .payloads import check_publication_data
 from .presence.base import PresenceMember, PresenceStore
@@ -91,6 +93,7 @@ class Node:
         self.broker = broker
         self.presence_store = presence
         self.hub = Hub()
+        self.continuity = Continuity(self.hub, self._history_since)
         self.channels = ChannelPolicy(config)
         # The node's defaults; a channel's namespace may change them (history_options_for).
         self.history_options = HistoryOptions(size=config.history_size, ttl=config.history_ttl)
@@ -100,6 +103,7 @@ class Node:
         self._surveys: dict[str, _Survey] = {}
         self._tasks: list[gevent.Greenlet] = []
         self._running = False
+        self._heartbeat_faults = FaultLog(logger, "the node's heartbeat")
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -113,6 +117,7 @@ class Node:
         self._running = False
         gevent.killall(self._tasks)
         self._tasks.clear()
+        self.continuity.close()
         self.broker.close()
         self.presence_store.close()
 
@@ -167,8 +172,8 @@ class Node:
             # broker; its cleanup ran before the presence entry above existed.
             self._leave_presence(session, channel)
             return result
-        offset = result.position.offset
-        session.after_reply(lambda: self.hub.activate(session, channel, offset))
+        position = result.position
+        session.after_reply(lambda: self.continuity.subscribed(session, channel, position))
         return result
 
     def unsubscribe(self, session: Subscriber, channel: str) -> None:
@@ -189,6 +194,7 @@ class Node:
     def _unsubscribe_locally(self, session: Subscriber, channel: str) -> None:
         _, last_on_node = self.hub.remove_subscriber(session, channel)
         if last_on_node:
+            self.continuity.forget(channel)
             self.broker.unsubscribe(channel)
 
     def _position_for(self, channel: str, since: StreamPosition | None) -> SubscribeResult:
@@ -268,6 +274,10 @@ class Node:
             options = self._history_options[key] = HistoryOptions(size=key[0], ttl=key[1])
         return options
 
+    def _history_since(self, channel: str, since_offset: int) -> HistoryResult:
+        return self.broker.history(channel, since_offset=since_offset,
+                                   options=self.history_options_for(channel))
+
     def history(self, channel: str, limit: int | None = None) -> HistoryResult:
         """The last ``limit`` publications of ``channel`` (all kept when None), oldest first."""
         return self.broker.history(channel, limit=limit,
@@ -340,15 +350,23 @@ class Node:
                 self.presence_store.refresh([
                     entry for entry in self.hub.presence_entries(beat % slices, slices)
                     if rules(entry[0]).presence])
-            except Exception:
-                logger.exception("heartbeat failed; retrying")
+            except RealtimeError as exc:
+                # Redis away: the broker logs the outage, once; the next beat tries again.
+                logger.debug("heartbeat failed: %s", exc)
+            except Exception as exc:
+                self._heartbeat_faults.failed(exc, unexpected=True)
+            else:
+                self._heartbeat_faults.recovered()
             beat += 1
             gevent.sleep(HEARTBEAT_INTERVAL * random.uniform(0.8, 1.0))
 
     # -- BrokerEventHandler ------------------------------------------------------------------
 
     def on_publications(self, publications: list[Publication]) -> None:
-        self.hub.deliver_publications(publications)
+        self.continuity.deliver(publications)
+
+    def on_delivery_resumed(self) -> None:
+        self.continuity.resume()
 
     def on_join(self, channel: str, user: str) -> None:
         self.hub.deliver_presence_event("join", channel, user)

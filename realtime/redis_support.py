@@ -49,6 +49,16 @@ def presence_keys(channel: str) -> tuple[str, str, str, str]:
     return base + ":p", base + ":pu", base + ":pc", base + ":pi"
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with its password masked, for logs (``redis://user:***@host:6379/0``)."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
+
+
 def pubsub_channel(channel: str) -> str:
     return f"{KEY_PREFIX}:c:{channel}"
 
@@ -89,7 +99,9 @@ def translate_redis_errors(what: str) -> Iterator[None]:
     # redis-py lets a few socket failures through untranslated, e.g. ValueError "Invalid file
     # object" for a connection closed under it.
     except (redis.RedisError, OSError, ValueError) as exc:
-        logger.warning("redis %s failed: %s", what, exc)
+        # Debug only: during an outage every request fails this way, and the caller answers
+        # 503; the broker's reader logs the outage itself, once when it starts and ends.
+        logger.debug("redis %s failed: %s", what, exc)
         raise Unavailable(f"the message store is unavailable ({type(exc).__name__})") from exc
 
 

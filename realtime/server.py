@@ -41,6 +41,7 @@ from gevent import pywsgi
 from .app import Realtime, create_app
 from .config import Config, ConfigError
 from .errors import BadRequest, RealtimeError, Unavailable
+from .redis_support import redacted_url
 
 logger = logging.getLogger(__name__)
 
@@ -510,7 +511,8 @@ def serve(config: Config) -> None:
     realtime.start()
     host, port = server.socket.getsockname()[:2]
     logger.info("node %s serving on http://%s:%d (broker %s, up to %d connections, %d open "
-                "files)", config.node_id, host, port, config.broker, max_connections, open_files)
+                "files)", config.node_id, host, port, redacted_url(config.broker), max_connections,
+                open_files)
     stopped = gevent.event.Event()
 
     def shut_down(signum: int) -> None:

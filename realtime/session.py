@@ -56,6 +56,7 @@ from .transports.polling import PollingTransport, decode_payload
 
 if TYPE_CHECKING:
     from .auth import Identity
+    from .broker.base import Publication
     from .engineio import EngineServer
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Session:
         self.identity: Identity | None = None
         self.request = request
         self.channels: set[str] = set()
-        self.pending: dict[str, list[tuple[int | None, OutboundFrame]]] = {}
+        self.pending: dict[str, list[tuple[Publication | None, OutboundFrame]]] = {}
         self.transport: Transport = None  # type: ignore[assignment]  # set by attach()
         self.upgrade: Transport | None = None  # a WebSocket being probed
         self.codec: Codec | None = None

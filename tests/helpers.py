@@ -42,9 +42,13 @@ class RecordingHandler:
         self.joins: list[tuple[str, str]] = []
         self.leaves: list[tuple[str, str]] = []
         self.controls: list[bytes] = []
+        self.resumptions = 0
 
     def on_publications(self, publications) -> None:
         self.publications.extend(publications)
+
+    def on_delivery_resumed(self) -> None:
+        self.resumptions += 1
 
     def on_join(self, channel: str, user: str) -> None:
         self.joins.append((channel, user))

@@ -39,12 +39,14 @@ NO_STREAM = StreamPosition("", 0)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Publication:
-    """One message published on a channel, with its place in the channel's stream."""
+    """One message published on a channel, with its place in the channel's stream (``epoch``
+    and ``offset``: a node that receives it can tell a gap from a new stream)."""
 
     channel: str
     offset: int
     data: Any
     user: str | None = None
+    epoch: str = ""
 
     def to_event(self) -> dict[str, Any]:
         """The payload of the ``message`` event that clients receive."""
@@ -89,6 +91,12 @@ class BrokerEventHandler(Protocol):
         """
         ...
 
+    def on_delivery_resumed(self) -> None:
+        """Delivery was interrupted (the connection to the backing store was lost) and is
+        back: whatever was published meanwhile was not delivered. Called once the broker is
+        resubscribed, before anything published after that is handed over."""
+        ...
+
     def on_join(self, channel: str, user: str) -> None: ...
 
     def on_leave(self, channel: str, user: str) -> None: ...
@@ -106,9 +114,10 @@ class Broker(abc.ABC):
       fan-out as one step: a publication is in history before any node can deliver it, and every
       node sees a channel's publications in offset order.
     * **Delivery.** At most once per node that is subscribed to the channel when the
-      publication is made, in offset order per channel. A node never receives channels it did
-      not subscribe to. Nothing is retried: a node that misses publications (an outage) learns it
-      from the stream position, and clients recover from history.
+      publication is made, in offset order per channel, each publication carrying its epoch and
+      offset. A node never receives channels it did not subscribe to. Nothing is retried: when
+      delivery was interrupted, the handler's ``on_delivery_resumed`` says so, and the node
+      fills what it missed from history (:mod:`realtime.continuity`).
     * **Subscribe.** When ``subscribe`` returns, every later publication on the channel reaches
       the handler; it is idempotent per channel (a repeated call returns once the subscription
       is confirmed), and so is ``unsubscribe``.

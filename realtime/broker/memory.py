@@ -128,7 +128,7 @@ class MemoryBroker(Broker):
             self._publication_count -= stream.drop_expired(now)
         stream.meta_expires_at = now + history.meta_ttl
         stream.offset += 1
-        publication = Publication(channel, stream.offset, data, user)
+        publication = Publication(channel, stream.offset, data, user, stream.epoch)
         entries = stream.entries
         entries.append((now + history.ttl, publication))
         self._publication_count += 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,10 +15,12 @@ import hiredis
 import redis
 
 from ..errors import RealtimeError, Unavailable
+from ..faults import Backoff, FaultLog
 from ..redis_support import (
     CONTROL_CHANNEL,
     PUBSUB_CHANNEL_PREFIX,
     pubsub_channel,
+    redacted_url,
     translate_redis_errors,
 )
 from ..redis_wire import RECV_SIZE, CommandPipe, open_connection, pack_command
@@ -36,7 +37,10 @@ from .redis_streams import RedisStreams, WireFormatError, decode_message, encode
 logger = logging.getLogger(__name__)
 
 PING_INTERVAL = 5.0
-MAX_BACKOFF = 5.0
+# Reconnect attempts while Redis is away: every half second at most, so that a node is
+# resubscribed (and fills its subscribers' gaps) within a second of Redis answering again.
+FIRST_BACKOFF = 0.05
+MAX_BACKOFF = 0.5
 CONTROL_KEY = CONTROL_CHANNEL.encode()
 
 
@@ -55,9 +59,12 @@ class RedisBroker(Broker):
     * ``subscribe`` returns once Redis has confirmed the subscription: every publication
       after that reaches this node.
     * Redis down: calls raise :class:`~realtime.errors.Unavailable` within the socket timeout;
-      the reader reconnects with jittered exponential back-off and resubscribes everything.
-      Publications made while the subscriber connection was down are not delivered live (they
-      are in history, for clients to recover).
+      the reader reconnects with jittered back-off (at most :data:`MAX_BACKOFF` between
+      attempts) and resubscribes everything in one command. Publications made while the
+      subscriber connection was down are not delivered live: once the resubscription is
+      confirmed, and before any message that follows it, the handler's
+      ``on_delivery_resumed`` is called so that the node compares what it delivered with the
+      streams' history. The outage is logged once when it starts and once when it ends.
     """
 
     def __init__(self, url: str, *, timeout: float = 5.0) -> None:
@@ -77,6 +84,10 @@ class RedisBroker(Broker):
         self._send_lock = gevent.lock.Semaphore()
         self._reader: gevent.Greenlet | None = None
         self._running = False
+        self._outage = FaultLog(logger, f"the redis pub/sub connection to {redacted_url(url)}")
+        # True from a reconnection until Redis confirmed its subscriptions
+        self._resuming = False
+        self._ever_connected = False
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -84,9 +95,9 @@ class RedisBroker(Broker):
         self._handler = handler
         self._running = True
         self._reader = gevent.spawn(self._read_forever)
-        if not self._connected.wait(self._timeout):
-            logger.warning("redis at %s is not reachable yet; retrying in the background",
-                           self._url)
+        # A node starts without Redis too (the reader logs the outage and keeps trying); it
+        # is not ready (is_healthy) until connected.
+        self._connected.wait(self._timeout)
 
     def close(self) -> None:
         self._running = False
@@ -158,24 +169,22 @@ class RedisBroker(Broker):
 
     def _read_forever(self) -> None:
         """Read the subscriber connection; on any failure reconnect with back-off, forever."""
-        backoff = 0.1
+        backoff = Backoff(FIRST_BACKOFF, MAX_BACKOFF)
         while self._running:
             try:
                 self._connect()
-                backoff = 0.1
                 self._read()
             except Exception as exc:
                 if not self._running:
                     return
-                if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError
-                              | Unavailable):
-                    logger.warning("redis subscriber connection lost: %s", exc)
-                else:
-                    logger.exception("redis subscriber failed")
+                expected = isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError
+                                      | Unavailable)
+                self._outage.failed(exc, unexpected=not expected)
+            if self._connected.is_set():
+                backoff.reset()  # the connection worked for a while: retry soon
             self._connected.clear()
             self._close_subscriber()
-            gevent.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            gevent.sleep(backoff.next_delay())
 
     def _connect(self) -> None:
         """Open a subscriber connection and subscribe to control and every wanted channel."""
@@ -187,7 +196,9 @@ class RedisBroker(Broker):
         with self._send_lock:
             self._subscriber = subscriber
             subscriber.sendall(pack_command(("SUBSCRIBE", *channels)))
-        logger.info("subscribed to redis at %s (%d channels)", self._url, len(channels))
+        self._resuming = self._ever_connected
+        logger.debug("subscribing to redis at %s (%d channels)", redacted_url(self._url),
+                     len(channels))
 
     def _read(self) -> None:
         subscriber = self._subscriber
@@ -226,7 +237,7 @@ class RedisBroker(Broker):
                 self._dispatch_channel_message(redis_channel, payload, batch)
         elif kind == b"subscribe":
             if redis_channel == CONTROL_KEY:
-                self._connected.set()
+                self._on_connected()
                 return
             unanswered = self._unanswered[redis_channel] - 1
             if unanswered > 0:
@@ -236,6 +247,19 @@ class RedisBroker(Broker):
             confirmed = self._wanted.get(redis_channel)
             if confirmed is not None:
                 confirmed.set()
+
+    def _on_connected(self) -> None:
+        """Redis confirmed the control channel, the first of the connection's SUBSCRIBE.
+
+        Redis runs one SUBSCRIBE command at once, so every channel of it is subscribed by now,
+        and every message read after this confirmation was published after it.
+        """
+        self._connected.set()
+        self._ever_connected = True
+        self._outage.recovered()
+        if self._resuming:
+            self._resuming = False
+            self._handler.on_delivery_resumed()
 
     def _dispatch_channel_message(self, redis_channel: bytes, blob: bytes,
                                   batch: list[Publication]) -> None:
@@ -262,3 +286,4 @@ class RedisBroker(Broker):
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             subscriber.close()
+

@@ -55,7 +55,7 @@ local ttl_ms = tonumber(ARGV[3])
 redis.call('LPUSH', KEYS[1], cmsgpack.pack({offset, now_ms + ttl_ms}) .. ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
-redis.call('PUBLISH', ARGV[6], cmsgpack.pack({tonumber(ARGV[7]), 'p', offset}) .. ARGV[1])
+redis.call('PUBLISH', ARGV[6], cmsgpack.pack({tonumber(ARGV[7]), 'p', offset, epoch}) .. ARGV[1])
 return {epoch, offset}
 """)
 
@@ -110,9 +110,13 @@ def _unpack_two(blob: bytes) -> tuple[Any, Any]:
 def decode_publication_message(channel: str, blob: bytes) -> Publication:
     """Decode a publication as published by :data:`PUBLISH_SCRIPT`."""
     header, (data, user) = _unpack_two(blob)
-    if len(header) != 3 or header[0] != WIRE_VERSION or header[1] != "p":
+    # [version, "p", offset, epoch]; a node of an earlier release sends no epoch
+    if len(header) not in (3, 4) or header[0] != WIRE_VERSION or header[1] != "p":
         raise WireFormatError(f"unknown message header {header!r}")
-    return Publication(channel, header[2], data, user)
+    epoch = header[3] if len(header) == 4 else ""
+    if not isinstance(epoch, str):
+        raise WireFormatError(f"unknown message header {header!r}")
+    return Publication(channel, header[2], data, user, epoch)
 
 
 def encode_presence_message(kind: str, user: str) -> bytes:
@@ -132,7 +136,7 @@ def decode_message(channel: str, blob: bytes) -> tuple[str, Any]:
         first = next(head)
     except (StopIteration, ValueError, msgpack.UnpackException) as exc:
         raise WireFormatError(f"undecodable message: {exc}") from exc
-    if isinstance(first, list) and len(first) == 3 and first[0] == WIRE_VERSION:
+    if isinstance(first, list) and len(first) in (3, 4) and first[0] == WIRE_VERSION:
         if first[1] == "p":
             return "p", decode_publication_message(channel, blob)
         if first[1] in ("j", "l") and isinstance(first[2], str):
@@ -196,7 +200,8 @@ class RedisStreams:
         for entry in reversed(entries):
             (entry_offset, expires_at), (data, user) = _unpack_two(entry)
             if expires_at > now_ms and (since_offset is None or entry_offset > since_offset):
-                publications.append(Publication(channel, entry_offset, data, user))
+                publications.append(Publication(channel, entry_offset, data, user,
+                                                epoch.decode()))
         return HistoryResult(publications, StreamPosition(epoch.decode(), int(offset)))
 
 

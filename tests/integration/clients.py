@@ -33,7 +33,7 @@ class RecordingClient(socketio.Client):
         super().__init__(reconnection=False, serializer=serializer)
         self.received: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
-        for name in ("message", "join", "leave"):
+        for name in ("message", "join", "leave", "reset"):
             self.on(name, self._recorder(name))
 
     def _engineio_client_class(self):

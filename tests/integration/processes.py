@@ -84,11 +84,12 @@ class NodeProcess(ManagedProcess):
 class RedisProcess(ManagedProcess):
     """A throw-away redis-server on a free loopback port (never the machine's 6379)."""
 
-    def __init__(self, log_dir: Path, port: int | None = None) -> None:
+    def __init__(self, log_dir: Path, port: int | None = None,
+                 persistence: tuple[str, ...] = ("--appendonly", "no")) -> None:
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(log_dir)]
+                "--save", "", *persistence, "--dir", str(log_dir)]
         super().__init__("redis", argv, log_dir / "redis.log")
 
     def wait_ready(self, timeout: float = 10.0) -> RedisProcess:

@@ -41,10 +41,14 @@ class FakeSubscriber:
         for callback in callbacks:
             callback()
 
+    def named_events(self):
+        """``(name, payload)`` of every event sent so far, in order."""
+        return [(event.name, event.payload) for frame in self.sent for event in frame.events]
+
     def events(self, name=None):
         """Payloads of the events sent so far (of ``name`` only, when given)."""
-        decoded = [(event.name, event.payload) for frame in self.sent for event in frame.events]
-        return [payload for event, payload in decoded if name is None or event == name]
+        return [payload for event, payload in self.named_events()
+                if name is None or event == name]
 
 
 def decode_event_text(event: EncodedEvent) -> list:

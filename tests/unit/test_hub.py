@@ -1,4 +1,5 @@
 from realtime.broker import Publication
+from realtime.broker.base import NO_STREAM, StreamPosition
 from realtime.hub import Hub, Subscribed
 from tests.unit.fakes import FakeSubscriber
 
@@ -15,7 +16,7 @@ def test_a_publication_is_encoded_once_for_all_subscribers():
     hub, connections = make_hub("a", "b", "c")
     for connection in connections:
         hub.add_subscriber(connection, "ch")
-        hub.activate(connection, "ch", 0)
+        hub.activate(connection, "ch", NO_STREAM)
     hub.deliver_publications([Publication("ch", 1, "x", "a")])
     frames = {id(frame) for c in connections for frame in c.sent}
     assert len(frames) == 1
@@ -26,15 +27,26 @@ def test_a_publication_is_encoded_once_for_all_subscribers():
 def test_pending_subscription_holds_frames_until_activated_and_drops_known_offsets():
     hub, (conn,) = make_hub("a")
     assert hub.add_subscriber(conn, "ch") is Subscribed.FIRST_ON_NODE
-    hub.deliver_publications([Publication("ch", 3, "old", None)])
+    hub.deliver_publications([Publication("ch", 3, "old", None, "e1")])
     hub.deliver_presence_event("join", "ch", "a")
-    hub.deliver_publications([Publication("ch", 4, "new", None)])
+    hub.deliver_publications([Publication("ch", 4, "new", None, "e1")])
     assert conn.events() == []
-    hub.activate(conn, "ch", after_offset=3)
+    hub.activate(conn, "ch", StreamPosition("e1", 3))
     assert conn.events() == [{"channel": "ch", "user": "a"},
                              {"channel": "ch", "offset": 4, "data": "new", "user": None}]
     hub.deliver_publications([Publication("ch", 5, "live", None)])
     assert conn.events()[-1]["offset"] == 5
+
+
+def test_activation_keeps_a_reset_and_the_new_epochs_publications_whatever_their_offsets():
+    hub, (conn,) = make_hub("a")
+    hub.add_subscriber(conn, "ch")
+    hub.deliver_publications([Publication("ch", 5, "known", None, "e1")])
+    hub.deliver_reset("ch", "e2", 0)
+    hub.deliver_publications([Publication("ch", 1, "fresh", None, "e2")])
+    hub.activate(conn, "ch", StreamPosition("e1", 5))
+    assert [(name, payload.get("offset")) for name, payload in conn.named_events()] == [
+        ("reset", 0), ("message", 1)]
 
 
 def test_subscriber_bookkeeping():
@@ -64,7 +76,7 @@ def test_publications_that_arrive_together_leave_in_one_write_per_channel():
     hub, (a, b) = make_hub("a", "b")
     for connection, channel in ((a, "x"), (b, "x"), (b, "y")):
         hub.add_subscriber(connection, channel)
-        hub.activate(connection, channel, 0)
+        hub.activate(connection, channel, NO_STREAM)
     hub.deliver_publications([Publication("x", 1, 1, None), Publication("y", 1, 2, None),
                               Publication("x", 2, 3, None)])
     assert [len(frame.events) for frame in a.sent] == [2]
