@@ -17,8 +17,8 @@ BrokerFactory = Callable[[str, Config], Broker]
 PresenceFactory = Callable[[str, Config], PresenceStore]
 
 _BROKERS: dict[str, BrokerFactory] = {
-    "memory": lambda url, config: MemoryBroker(),
-    "redis": lambda url, config: RedisBroker(url),
+    "memory": lambda url, config: MemoryBroker(idempotency_ttl=config.idempotency_ttl),
+    "redis": lambda url, config: RedisBroker(url, idempotency_ttl=config.idempotency_ttl),
 }
 _PRESENCE_STORES: dict[str, PresenceFactory] = {
     "memory": lambda url, config: MemoryPresenceStore(),

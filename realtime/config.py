@@ -121,6 +121,10 @@ class Config:
     max_message_size: int = _field(64 * 1024, help="largest publication data, bytes of JSON")
     presence_ttl: float = _field(30.0,
                                  help="seconds before a dead node's presence entries expire")
+    idempotency_ttl: float = _field(300.0, help="seconds a publish's idempotency_key is "
+                                                "remembered: a repeat publishes nothing")
+    drain_timeout: float = _field(10.0, help="seconds a node takes on SIGTERM to close its "
+                                             "clients gradually before it exits")
     ping_interval: float = _field(25.0, help="Engine.IO ping interval, seconds")
     ping_timeout: float = _field(20.0, help="Engine.IO ping timeout, seconds")
     allowed_origins: str = _field("", help="comma-separated browser origins allowed to "
@@ -190,8 +194,9 @@ class Config:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_connections < 0:
             raise ConfigError("max_connections must be 0 (no cap of its own) or more")
-        for name in ("history_ttl", "presence_ttl", "ping_interval", "ping_timeout",
-                     "events_per_second", "header_timeout", "idle_timeout"):
+        for name in ("history_ttl", "presence_ttl", "idempotency_ttl", "drain_timeout",
+                     "ping_interval", "ping_timeout", "events_per_second", "header_timeout",
+                     "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.log_level.lower() not in LOG_LEVELS:

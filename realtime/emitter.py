@@ -20,7 +20,7 @@ from .channels import ChannelPolicy, validate_channel
 from .config import Config
 from .control import encode_control
 from .errors import BadRequest
-from .payloads import check_publication_data
+from .payloads import check_idempotency_key, check_publication_data
 from .redis_support import (
     CONTROL_CHANNEL,
     RedisPyScriptRunner,
@@ -45,9 +45,11 @@ class Emitter:
                  history_ttl: float = 300.0, max_message_size: int = 64 * 1024,
                  timeout: float = 5.0, pool_size: int = 8) -> None:
         self._client = create_client(url, pool_size=pool_size, timeout=timeout)
-        self._streams = RedisStreams(RedisPyScriptRunner(self._client))
         self._config = config or Config(history_size=history_size, history_ttl=history_ttl,
                                         max_message_size=max_message_size)
+        # The nodes' idempotency TTL: a key the emitter used is remembered as long as theirs.
+        self._streams = RedisStreams(RedisPyScriptRunner(self._client),
+                                     idempotency_ttl=self._config.idempotency_ttl)
         self._channels = ChannelPolicy(self._config)
         self._sender = "emitter-" + secrets.token_hex(4)
 
@@ -60,17 +62,30 @@ class Emitter:
         return HistoryOptions(size=rules.history_size or config.history_size,
                               ttl=rules.history_ttl or config.history_ttl)
 
-    def publish(self, channel: str, data: Any) -> StreamPosition:
-        """Publish ``data`` (a JSON value) on ``channel``; return its stream position."""
-        history = self._checked(channel, data)
-        return self._streams.publish(channel, data, None, history)
+    def publish(self, channel: str, data: Any, *,
+                idempotency_key: str | None = None) -> StreamPosition:
+        """Publish ``data`` (a JSON value) on ``channel``; return its stream position.
 
-    def broadcast(self, channels: list[str], data: Any) -> list[tuple[str, StreamPosition]]:
-        """Publish the same ``data`` on each channel, in order; stops at the first failure."""
+        With ``idempotency_key`` (1 to 64 characters), a retry within the idempotency TTL
+        (the config's, 300 s by default) publishes nothing and returns the first position:
+        retry with the same key when an answer was lost.
+        """
+        history = self._checked(channel, data)
+        return self._streams.publish(channel, data, None, history,
+                                     check_idempotency_key(idempotency_key))
+
+    def broadcast(self, channels: list[str], data: Any, *,
+                  idempotency_key: str | None = None) -> list[tuple[str, StreamPosition]]:
+        """Publish the same ``data`` on each channel, in order; stops at the first failure.
+
+        ``idempotency_key`` applies per channel: retrying a broadcast that failed half-way
+        with the same key publishes only on the channels it had not reached.
+        """
         if not isinstance(channels, list | tuple) or not channels:
             raise BadRequest("channels must be a non-empty list of channel names")
         histories = [self._checked(channel, data) for channel in channels]
-        return [(channel, self._streams.publish(channel, data, None, history))
+        key = check_idempotency_key(idempotency_key)
+        return [(channel, self._streams.publish(channel, data, None, history, key))
                 for channel, history in zip(channels, histories, strict=True)]
 
     def disconnect(self, user: str) -> None:

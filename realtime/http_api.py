@@ -32,6 +32,7 @@ from .errors import (
     Unauthorized,
 )
 from .node import Node
+from .payloads import check_idempotency_key
 from .protocol import parse_limit
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def create_api_blueprint(node: Node, config: Config) -> Blueprint:
     def publish() -> Any:
         body = _json_body()
         channel = validate_channel(body.get("channel"))
-        position = node.publish(channel, _data(body))
+        position = node.publish(channel, _data(body), idempotency_key=check_idempotency_key(
+            body.get("idempotency_key")))
         return {"offset": position.offset, "epoch": position.epoch}
 
     @api.post("/api/broadcast")
@@ -84,7 +86,8 @@ def create_api_blueprint(node: Node, config: Config) -> Blueprint:
         if not isinstance(channels, list) or not channels:
             raise BadRequest("channels must be a non-empty list of channel names")
         channels = [validate_channel(channel) for channel in channels]
-        results = node.broadcast(channels, _data(body))
+        results = node.broadcast(channels, _data(body), idempotency_key=check_idempotency_key(
+            body.get("idempotency_key")))
         return {"results": [{"channel": channel, "offset": position.offset,
                              "epoch": position.epoch} for channel, position in results]}
 

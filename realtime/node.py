@@ -23,6 +23,7 @@ from .broker.base import (
     HistoryOptions,
     HistoryResult,
     Publication,
+    PublishRequest,
     StreamPosition,
 )
 from .channels import ChannelPolicy
@@ -215,33 +216,39 @@ class Node:
 
     # -- publishing and reading --------------------------------------------------------------
 
-    def publish(self, channel: str, data: Any, user: str | None = None) -> StreamPosition:
+    def publish(self, channel: str, data: Any, user: str | None = None, *,
+                idempotency_key: str | None = None) -> StreamPosition:
         """Publish ``data`` (any JSON value) on ``channel`` as ``user`` (None: a backend).
 
-        The channel's namespace sets the data limit and the history kept; who may publish is
-        the edges' business (clients are checked by the protocol, backends are trusted).
+        One request of :meth:`publish_many`; raises the error that refused it.
         """
-        self.check_data_size(channel, data)
-        return self.broker.publish(channel, data, user=user,
-                                   history=self.history_options_for(channel))
+        result = self.publish_many([PublishRequest(channel, data, user, idempotency_key)])[0]
+        if isinstance(result, RealtimeError):
+            raise result
+        return result
 
-    def publish_many(self, items: Sequence[tuple[str, Any, str | None]],
+    def publish_many(self, requests: Sequence[PublishRequest],
                      ) -> list[StreamPosition | RealtimeError]:
-        """Publish ``(channel, data, user)`` items in order with one round trip to the broker.
+        """Make ``requests`` in order with one round trip to the broker: the node's one way
+        of publishing, whoever asks (clients, the HTTP API).
 
-        Each item gets its position or the error that refused it (see ``Broker.publish_many``).
+        Each request gets its position or the error that refused it (see
+        ``Broker.publish_many``). The channel's namespace sets the data limit and the history
+        kept; who may publish is the edges' business (clients are checked by the protocol,
+        backends are trusted). A repeated ``idempotency_key`` gets the first position back.
         """
-        results: list[StreamPosition | RealtimeError | None] = [None] * len(items)
-        # Items of one history setting go to the broker together (usually all of them).
-        groups: dict[HistoryOptions, tuple[list, list[int]]] = {}
-        for index, item in enumerate(items):
+        results: list[StreamPosition | RealtimeError | None] = [None] * len(requests)
+        # Requests of one history setting go to the broker together (usually all of them).
+        groups: dict[HistoryOptions, tuple[list[PublishRequest], list[int]]] = {}
+        for index, request in enumerate(requests):
             try:
-                self.check_data_size(item[0], item[1])
+                self.check_data_size(request.channel, request.data)
             except RealtimeError as exc:
                 results[index] = exc
                 continue
-            accepted, slots = groups.setdefault(self.history_options_for(item[0]), ([], []))
-            accepted.append(item)
+            accepted, slots = groups.setdefault(self.history_options_for(request.channel),
+                                                ([], []))
+            accepted.append(request)
             slots.append(index)
         for options, (accepted, slots) in groups.items():
             published = self.broker.publish_many(accepted, history=options)
@@ -249,13 +256,22 @@ class Node:
                 results[index] = result
         return results  # type: ignore[return-value]  # every slot is filled by now
 
-    def broadcast(self, channels: list[str], data: Any) -> list[tuple[str, StreamPosition]]:
-        """Publish the same ``data`` on each channel, in order; stops at the first failure."""
+    def broadcast(self, channels: list[str], data: Any, *,
+                  idempotency_key: str | None = None) -> list[tuple[str, StreamPosition]]:
+        """Publish the same ``data`` on each channel, with one round trip to the broker.
+
+        Raises the first error if any channel refused it; the others may have been published
+        then, so a retry should carry an ``idempotency_key`` (it applies per channel): the
+        channels already published answer their first position and publish nothing again.
+        """
         for channel in channels:
             self.check_data_size(channel, data)
-        return [(channel, self.broker.publish(channel, data, user=None,
-                                              history=self.history_options_for(channel)))
-                for channel in channels]
+        results = self.publish_many([PublishRequest(channel, data, None, idempotency_key)
+                                     for channel in channels])
+        for result in results:
+            if isinstance(result, RealtimeError):
+                raise result
+        return list(zip(channels, results, strict=True))  # type: ignore[arg-type]
 
     def check_data_size(self, channel: str, data: Any) -> None:
         """Raise unless ``data`` is a JSON value within ``channel``'s namespace's limit."""

@@ -9,6 +9,9 @@ import msgpack
 
 from .errors import BadRequest, TooLarge
 
+# The longest idempotency key a publish may carry (Centrifugo's limit too).
+MAX_IDEMPOTENCY_KEY = 64
+
 # Arrays and objects nested deeper than this are refused: far beyond real data, and safely
 # within what every encoder and decoder on the way takes (Python's json stops near 1,000,
 # msgpack near 500, browsers' parsers further).
@@ -44,6 +47,21 @@ def check_publication_data(data: Any, max_size: int) -> None:
         raise BadRequest("data has an integer that does not fit in 64 bits") from None
     except (ValueError, TypeError):
         raise BadRequest("data is nested too deeply") from None
+
+
+def check_idempotency_key(key: object) -> str | None:
+    """A publish's optional ``idempotency_key``: None, or a string of 1 to 64 characters
+    (valid Unicode). Raises BadRequest for anything else."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise BadRequest(f"idempotency_key must be a string of 1 to {MAX_IDEMPOTENCY_KEY} "
+                         f"characters")
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        raise BadRequest("idempotency_key must be valid Unicode") from None
+    return key
 
 
 def _nesting(data: Any) -> int:

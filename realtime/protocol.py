@@ -16,10 +16,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .auth import Authenticator, Identity, create_authenticator
-from .broker.base import StreamPosition
+from .broker.base import PublishRequest, StreamPosition
 from .channels import validate_channel
 from .errors import BadRequest, InternalError, RateLimited, RealtimeError
 from .node import Node
+from .payloads import check_idempotency_key
 from .session import error_ack
 
 if TYPE_CHECKING:
@@ -99,11 +100,11 @@ class ClientProtocol:
             try:
                 if len(args) != 1 or not isinstance(args[0], dict):
                     raise BadRequest("the event takes one object argument")
-                channel, data = self._publication(session, args[0])
+                request = self._publication(session, args[0])
             except RealtimeError as exc:
                 answers[index] = self.refused("publish", session, exc)
                 continue
-            accepted.append((channel, data, session.user))
+            accepted.append(request)
             slots.append(index)
         if accepted:
             try:
@@ -142,18 +143,20 @@ class ClientProtocol:
         return {}
 
     def _publish(self, session: Session, payload: dict) -> Ack:
-        channel, data = self._publication(session, payload)
-        position = self.node.publish(channel, data, user=session.user)
-        return {"offset": position.offset, "epoch": position.epoch}
+        result = self.node.publish_many([self._publication(session, payload)])[0]
+        if isinstance(result, RealtimeError):
+            raise result
+        return {"offset": result.offset, "epoch": result.epoch}
 
-    def _publication(self, session: Session, payload: dict) -> tuple[str, Any]:
-        """The channel and data of a ``publish`` event, once parsed and authorised."""
+    def _publication(self, session: Session, payload: dict) -> PublishRequest:
+        """The publication a ``publish`` event asks for, once parsed and authorised."""
         channel = validate_channel(payload.get("channel"))
         if "data" not in payload:
             raise BadRequest("data is required")
+        idempotency_key = check_idempotency_key(payload.get("idempotency_key"))
         self.policy.check_publish(session.user, session.identity, channel,
                                   channel in session.channels)
-        return channel, payload["data"]
+        return PublishRequest(channel, payload["data"], session.user, idempotency_key)
 
     def _history(self, session: Session, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))

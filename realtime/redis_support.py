@@ -42,6 +42,12 @@ def stream_keys(channel: str) -> tuple[str, str]:
     return f"{KEY_PREFIX}:{{{channel}}}:h", f"{KEY_PREFIX}:{{{channel}}}:m"
 
 
+def idempotency_record_key(channel: str, idempotency_key: str) -> str:
+    """Key of the record of a publication made on ``channel`` with ``idempotency_key`` (its
+    position, until the idempotency TTL), in the channel's hash slot."""
+    return f"{KEY_PREFIX}:{{{channel}}}:i:{idempotency_key}"
+
+
 def presence_keys(channel: str) -> tuple[str, str, str, str]:
     """Keys of a channel's presence: entry expiries, entry users, connection counts per user,
     and each user's info (from its token)."""

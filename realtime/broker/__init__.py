@@ -7,6 +7,7 @@ from .base import (
     HistoryOptions,
     HistoryResult,
     Publication,
+    PublishRequest,
     StreamPosition,
 )
 from .memory import MemoryBroker
@@ -19,5 +20,6 @@ __all__ = [
     "HistoryResult",
     "MemoryBroker",
     "Publication",
+    "PublishRequest",
     "StreamPosition",
 ]

@@ -54,6 +54,26 @@ class Publication:
                 "user": self.user}
 
 
+@dataclasses.dataclass(slots=True)
+class PublishRequest:
+    """One publication to make, whoever asks (a client, the HTTP API, the emitter).
+
+    ``user`` is the publishing client's user (None: a backend). ``idempotency_key`` (optional,
+    1 to 64 characters) makes retries safe: a second request with the same key on the same
+    channel within the broker's idempotency TTL publishes nothing and gets the first one's
+    position.
+    """
+
+    channel: str
+    data: Any
+    user: str | None = None
+    idempotency_key: str | None = None
+
+
+DEFAULT_IDEMPOTENCY_TTL = 300.0
+"""Seconds a broker remembers an idempotency key (``--idempotency-ttl``)."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class HistoryOptions:
     """How much of a channel's stream to keep: the last ``size`` publications for ``ttl`` s.
@@ -124,6 +144,10 @@ class Broker(abc.ABC):
     * **Outages.** A call that cannot reach the backing store raises
       :class:`~realtime.errors.Unavailable` (``temporary``); it never blocks longer than the
       backend's timeout. Background delivery reconnects and resubscribes by itself.
+    * **Idempotency.** A publication with an ``idempotency_key`` is made at most once per
+      channel and key within the broker's idempotency TTL, across every node and emitter
+      sharing the backing store: a repeat returns the first one's position and publishes
+      nothing. The check and the publication are one atomic step.
     * **Control** messages go to every node, the sender included, at most once, unordered with
       respect to publications.
     * **Bounded state.** Only publishing creates a stream; reads never store anything. Expired
@@ -140,24 +164,30 @@ class Broker(abc.ABC):
         """Stop delivering and release connections. Idempotent."""
 
     @abc.abstractmethod
-    def publish(self, channel: str, data: Any, *, user: str | None,
-                history: HistoryOptions) -> StreamPosition:
-        """Append ``data`` to ``channel``'s stream and fan it out; return its position."""
+    def publish(self, channel: str, data: Any, *, user: str | None, history: HistoryOptions,
+                idempotency_key: str | None = None) -> StreamPosition:
+        """Append ``data`` to ``channel``'s stream and fan it out; return its position.
 
-    def publish_many(self, items: Sequence[tuple[str, Any, str | None]], *,
+        With an ``idempotency_key`` already used on ``channel`` within the idempotency TTL:
+        publish nothing and return the position that publication got.
+        """
+
+    def publish_many(self, requests: Sequence[PublishRequest], *,
                      history: HistoryOptions) -> list[StreamPosition | RealtimeError]:
-        """Publish ``(channel, data, user)`` items in order, as ``publish`` one after the other.
+        """Make ``requests`` in order, as ``publish`` one after the other.
 
-        Each item gets its position or the error that refused it; one item's failure does not
-        stop the others (though an outage fails all that follow it). Offsets within a channel
-        follow the items' order. Brokers with a remote store send the items together, so a
-        client that publishes faster than the round trip to the store is not held to one
-        publication per round trip; this default publishes them one at a time.
+        Each request gets its position or the error that refused it; one request's failure
+        does not stop the others (though an outage fails all that follow it). Offsets within a
+        channel follow the requests' order. Brokers with a remote store send the requests
+        together, so a client that publishes faster than the round trip to the store is not
+        held to one publication per round trip; this default publishes them one at a time.
         """
         results: list[StreamPosition | RealtimeError] = []
-        for channel, data, user in items:
+        for request in requests:
             try:
-                results.append(self.publish(channel, data, user=user, history=history))
+                results.append(self.publish(request.channel, request.data, user=request.user,
+                                            history=history,
+                                            idempotency_key=request.idempotency_key))
             except RealtimeError as exc:
                 results.append(exc)
         return results

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .base import (
+    DEFAULT_IDEMPOTENCY_TTL,
     NO_STREAM,
     Broker,
     BrokerEventHandler,
@@ -67,6 +68,7 @@ class MemoryUsage:
 
     streams: int
     publications: int
+    idempotency_keys: int = 0
 
 
 class MemoryBroker(Broker):
@@ -83,9 +85,16 @@ class MemoryBroker(Broker):
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, *,
-                 sweep_interval: float = SWEEP_INTERVAL) -> None:
+                 sweep_interval: float = SWEEP_INTERVAL,
+                 idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL) -> None:
         self._clock = clock
         self._sweep_interval = sweep_interval
+        self._idempotency_ttl = idempotency_ttl
+        # (channel, idempotency key) -> (expires_at, position), oldest first: with one TTL for
+        # every key, insertion order is expiry order, and the sweep drops from the front.
+        self._idempotency: collections.OrderedDict[tuple[str, str],
+                                                   tuple[float, StreamPosition]] = \
+            collections.OrderedDict()
         self._handler: BrokerEventHandler | None = None
         # Streams in the order of their last publication. With one meta_ttl for every stream
         # (a node uses one) that is the order in which their positions expire, so the sweep
@@ -117,9 +126,13 @@ class MemoryBroker(Broker):
         if sweeper is not None:
             sweeper.kill()
 
-    def publish(self, channel: str, data: Any, *, user: str | None,
-                history: HistoryOptions) -> StreamPosition:
+    def publish(self, channel: str, data: Any, *, user: str | None, history: HistoryOptions,
+                idempotency_key: str | None = None) -> StreamPosition:
         now = self._clock()
+        if idempotency_key is not None:
+            seen = self._idempotency.get((channel, idempotency_key))
+            if seen is not None and seen[0] > now:
+                return seen[1]
         stream = self._live_stream(channel, now)
         if stream is None:
             stream = self._streams[channel] = _Stream(channel, secrets.token_urlsafe(6))
@@ -138,6 +151,10 @@ class MemoryBroker(Broker):
         if not stream.scheduled:
             self._schedule(stream)
         position = StreamPosition(stream.epoch, stream.offset)
+        if idempotency_key is not None:
+            remembered = (channel, idempotency_key)
+            self._idempotency.pop(remembered, None)  # an expired one, not swept yet
+            self._idempotency[remembered] = (now + self._idempotency_ttl, position)
         if self._handler is not None and channel in self._subscribed:
             self._handler.on_publications([publication])
         return position
@@ -178,11 +195,11 @@ class MemoryBroker(Broker):
         return HistoryResult(publications, StreamPosition(stream.epoch, stream.offset))
 
     def usage(self) -> MemoryUsage:
-        """How many streams and publications this broker holds right now (O(1))."""
-        return MemoryUsage(len(self._streams), self._publication_count)
+        """How many streams, publications and idempotency keys this broker holds (O(1))."""
+        return MemoryUsage(len(self._streams), self._publication_count, len(self._idempotency))
 
     def sweep(self, budget: int = SWEEP_BUDGET) -> bool:
-        """Drop expired publications of every stream and forget streams past their meta TTL.
+        """Drop expired publications, and forget streams and idempotency keys past their TTL.
 
         Stops once it has done ``budget`` units of work (a stream visited, a publication
         dropped; one stream's visit is not split, so it may overrun by a history size) and
@@ -206,6 +223,15 @@ class MemoryBroker(Broker):
             self._publication_count -= dropped
             work += dropped
             self._schedule(stream)
+        idempotency = self._idempotency
+        while idempotency:
+            if work >= budget:
+                return True
+            remembered, (expires_at, _) = next(iter(idempotency.items()))
+            if expires_at > now:
+                break
+            del idempotency[remembered]
+            work += 1
         streams = self._streams
         while streams:
             channel, stream = next(iter(streams.items()))

@@ -25,11 +25,13 @@ from ..redis_support import (
 )
 from ..redis_wire import RECV_SIZE, CommandPipe, open_connection, pack_command
 from .base import (
+    DEFAULT_IDEMPOTENCY_TTL,
     Broker,
     BrokerEventHandler,
     HistoryOptions,
     HistoryResult,
     Publication,
+    PublishRequest,
     StreamPosition,
 )
 from .redis_streams import RedisStreams, WireFormatError, decode_message, encode_presence_message
@@ -67,11 +69,12 @@ class RedisBroker(Broker):
       streams' history. The outage is logged once when it starts and once when it ends.
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0,
+                 idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL) -> None:
         self._url = url
         self._timeout = timeout
         self._pipe = CommandPipe(url, timeout=timeout)
-        self._streams = RedisStreams(self._pipe)
+        self._streams = RedisStreams(self._pipe, idempotency_ttl=idempotency_ttl)
         self._handler: BrokerEventHandler | None = None
         # pub/sub channel -> set once Redis confirmed it on the current connection
         self._wanted: dict[bytes, gevent.event.Event] = {}
@@ -111,13 +114,13 @@ class RedisBroker(Broker):
 
     # -- publishing --------------------------------------------------------------------------
 
-    def publish(self, channel: str, data: Any, *, user: str | None,
-                history: HistoryOptions) -> StreamPosition:
-        return self._streams.publish(channel, data, user, history)
+    def publish(self, channel: str, data: Any, *, user: str | None, history: HistoryOptions,
+                idempotency_key: str | None = None) -> StreamPosition:
+        return self._streams.publish(channel, data, user, history, idempotency_key)
 
-    def publish_many(self, items: Sequence[tuple[str, Any, str | None]], *,
+    def publish_many(self, requests: Sequence[PublishRequest], *,
                      history: HistoryOptions) -> list[StreamPosition | RealtimeError]:
-        return self._streams.publish_many(items, history)
+        return self._streams.publish_many(requests, history)
 
     def publish_join(self, channel: str, user: str) -> None:
         self._publish_raw(pubsub_channel(channel), encode_presence_message("j", user))

@@ -7,7 +7,10 @@ costs O(1) per publish and uses less memory than a Stream for small entries, and
 strength, ranges by ID, buys nothing at this size.
 
 One Lua script appends, assigns the offset and PUBLISHes, so offsets are gap-free and in the
-same order in history and on the wire, whichever node or emitter publishes. Only publishing
+same order in history and on the wire, whichever node or emitter publishes. The same script
+checks and records a publication's idempotency key (a string key next to the stream's, holding
+the position it got, expiring after the idempotency TTL), so a retry is answered with the first
+position in the same atomic step. Only publishing
 writes: reading a channel's history never creates a key nor extends one's life, and every key
 of a stream expires by itself (the list ``ttl`` after the last publication, the hash
 ``meta_ttl`` after it).
@@ -27,11 +30,19 @@ from ..redis_support import (
     LuaScript,
     ScriptRunner,
     check_encodable,
+    idempotency_record_key,
     pubsub_channel,
     stream_keys,
     translate_redis_errors,
 )
-from .base import HistoryOptions, HistoryResult, Publication, StreamPosition
+from .base import (
+    DEFAULT_IDEMPOTENCY_TTL,
+    HistoryOptions,
+    HistoryResult,
+    Publication,
+    PublishRequest,
+    StreamPosition,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +51,18 @@ WIRE_VERSION = 1
 # Entries and messages are a msgpack header followed by the msgpack body [data, user], which
 # the publisher packs once: the script never decodes it.
 #   history entry:        [offset, expires_at_ms] body
-#   publication message:  [WIRE_VERSION, "p", offset] body
+#   publication message:  [WIRE_VERSION, "p", offset, epoch] body
+# KEYS: history list, meta hash, and (only with an idempotency key) the key's record.
+# ARGV: body, size, ttl_ms, meta_ttl_s, candidate epoch, pub/sub channel, wire version, and
+# (with an idempotency key) its TTL in ms. Returns {epoch, offset}.
 PUBLISH_SCRIPT = LuaScript("""
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local space = string.find(seen, ' ', 1, true)
+    return {string.sub(seen, 1, space - 1), tonumber(string.sub(seen, space + 1))}
+  end
+end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 if redis.call('HSETNX', KEYS[2], 'e', ARGV[5]) == 1 then
@@ -56,6 +77,9 @@ redis.call('LPUSH', KEYS[1], cmsgpack.pack({offset, now_ms + ttl_ms}) .. ARGV[1]
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 redis.call('PUBLISH', ARGV[6], cmsgpack.pack({tonumber(ARGV[7]), 'p', offset, epoch}) .. ARGV[1])
+if KEYS[3] then
+  redis.call('SET', KEYS[3], epoch .. ' ' .. offset, 'PX', ARGV[8])
+end
 return {epoch, offset}
 """)
 
@@ -147,24 +171,29 @@ def decode_message(channel: str, blob: bytes) -> tuple[str, Any]:
 class RedisStreams:
     """Publishing into and reading channel streams, through any :class:`ScriptRunner`."""
 
-    def __init__(self, scripts: ScriptRunner) -> None:
+    def __init__(self, scripts: ScriptRunner, *,
+                 idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL) -> None:
         self._scripts = scripts
+        self._idempotency_ttl_ms = max(1, int(idempotency_ttl * 1000))
 
-    def publish(self, channel: str, data: Any, user: str | None,
-                options: HistoryOptions) -> StreamPosition:
-        keys, args = _publish_call(channel, pack_body(data, user), options)
+    def publish(self, channel: str, data: Any, user: str | None, options: HistoryOptions,
+                idempotency_key: str | None = None) -> StreamPosition:
+        keys, args = self._publish_call(channel, pack_body(data, user), options,
+                                        idempotency_key)
         with translate_redis_errors("publish"):
             epoch, offset = self._scripts.run_script(PUBLISH_SCRIPT, keys, args)
-        return StreamPosition(epoch.decode(), int(offset))
+        return StreamPosition(_text(epoch), int(offset))
 
-    def publish_many(self, items: Sequence[tuple[str, Any, str | None]],
+    def publish_many(self, requests: Sequence[PublishRequest],
                      options: HistoryOptions) -> list[StreamPosition | RealtimeError]:
-        """Publish every item with one pipelined round trip; see ``Broker.publish_many``."""
+        """Make every request with one pipelined round trip; see ``Broker.publish_many``."""
         results: list[StreamPosition | RealtimeError] = []
         calls, slots = [], []
-        for channel, data, user in items:
+        for request in requests:
             try:
-                calls.append(_publish_call(channel, pack_body(data, user), options))
+                calls.append(self._publish_call(
+                    request.channel, pack_body(request.data, request.user), options,
+                    request.idempotency_key))
             except RealtimeError as exc:
                 results.append(exc)
                 continue
@@ -184,8 +213,24 @@ class RedisStreams:
                     results[slot] = Unavailable(
                         f"the message store is unavailable ({type(reply).__name__})")
                 else:
-                    results[slot] = StreamPosition(reply[0].decode(), int(reply[1]))
+                    results[slot] = StreamPosition(_text(reply[0]), int(reply[1]))
         return results
+
+    def _publish_call(self, channel: str, body: bytes, options: HistoryOptions,
+                      idempotency_key: str | None) -> tuple[tuple[str, ...], list[Any]]:
+        """Keys and arguments of :data:`PUBLISH_SCRIPT` for one publication."""
+        # Checked here, item by item: in a pipelined publish_many, a string that fails to
+        # encode would otherwise refuse the whole batch.
+        check_encodable(channel)
+        keys: tuple[str, ...] = stream_keys(channel)
+        args = [body, options.size, max(1, int(options.ttl * 1000)),
+                max(1, int(options.meta_ttl)), _new_epoch(), pubsub_channel(channel),
+                WIRE_VERSION]
+        if idempotency_key is not None:
+            check_encodable(idempotency_key)
+            keys = (*keys, idempotency_record_key(channel, idempotency_key))
+            args.append(self._idempotency_ttl_ms)
+        return keys, args
 
     def history(self, channel: str, *, since_offset: int | None, limit: int | None,
                 options: HistoryOptions) -> HistoryResult:
@@ -205,15 +250,8 @@ class RedisStreams:
         return HistoryResult(publications, StreamPosition(epoch.decode(), int(offset)))
 
 
-def _publish_call(channel: str, body: bytes,
-                  options: HistoryOptions) -> tuple[tuple[str, str], list[Any]]:
-    """Keys and arguments of :data:`PUBLISH_SCRIPT` for one publication."""
-    # Checked here, item by item: in a pipelined publish_many, a string that fails to encode
-    # would otherwise refuse the whole batch.
-    check_encodable(channel)
-    return stream_keys(channel), [
-        body, options.size, max(1, int(options.ttl * 1000)), max(1, int(options.meta_ttl)),
-        _new_epoch(), pubsub_channel(channel), WIRE_VERSION]
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _new_epoch() -> str:

@@ -2,7 +2,8 @@
 
 A subclass provides a ``broker_factory`` fixture: ``broker_factory()`` returns a new, started
 broker wired to a :class:`RecordingHandler`, as ``(broker, handler)``, all sharing one backend
-(so that two of them behave like two nodes); and a ``stored`` fixture: ``stored(prefix)``
+(so that two of them behave like two nodes), and ``broker_factory(idempotency_ttl=...)`` one
+with that option; and a ``stored`` fixture: ``stored(prefix)``
 returns a comparable snapshot of what the backend holds for channels whose names start with
 ``prefix`` (that changes whenever anything is stored for one of them).
 """
@@ -13,7 +14,7 @@ import uuid
 
 import pytest
 
-from realtime.broker import NO_STREAM, HistoryOptions
+from realtime.broker import NO_STREAM, HistoryOptions, PublishRequest
 from tests.helpers import wait_until
 
 KEEP = HistoryOptions(size=100, ttl=300)
@@ -148,7 +149,8 @@ class BrokerContract:
         subscriber.subscribe(a)
         subscriber.subscribe(b)
         publisher.publish(a, "before", user=None, history=KEEP)
-        items = [(a, 0, "u"), (b, 1, None), (a, {"n": 2}, "v"), (a, [3], None)]
+        items = [PublishRequest(a, 0, "u"), PublishRequest(b, 1), PublishRequest(a, {"n": 2}, "v"),
+                 PublishRequest(a, [3])]
         results = publisher.publish_many(items, history=KEEP)
         assert [r.offset for r in results] == [2, 1, 3, 4]
         assert results[0].epoch == results[2].epoch == results[3].epoch
@@ -159,6 +161,41 @@ class BrokerContract:
         assert [p.data for p in publisher.history(a, options=KEEP).publications] == [
             "before", 0, {"n": 2}, [3]]
         assert publisher.publish_many([], history=KEEP) == []
+
+    def test_a_repeated_idempotency_key_publishes_once_and_answers_the_first_position(
+            self, broker_factory):
+        (first_node, _), (second_node, received) = broker_factory(), broker_factory()
+        channel, other = unique("c"), unique("other")
+        second_node.subscribe(channel)
+        first = first_node.publish(channel, "once", user=None, history=KEEP,
+                                   idempotency_key="order-1")
+        again = second_node.publish(channel, "once", user=None, history=KEEP,
+                                    idempotency_key="order-1")
+        assert again == first
+        in_a_batch = first_node.publish_many(
+            [PublishRequest(channel, "once", None, "order-1"),
+             PublishRequest(channel, "twice", None, "order-2"),
+             PublishRequest(channel, "twice", None, "order-2")], history=KEEP)
+        assert in_a_batch[0] == first and in_a_batch[1] == in_a_batch[2]
+        assert in_a_batch[1].offset == first.offset + 1
+        # the key is per channel: the same key elsewhere is another publication
+        assert first_node.publish(other, "x", user=None, history=KEEP,
+                                  idempotency_key="order-1").offset == 1
+        assert [p.data for p in first_node.history(channel, options=KEEP).publications] == [
+            "once", "twice"]
+        wait_until(lambda: len(received.offsets(channel)) == 2, message="2 publications")
+        assert received.offsets(channel) == [1, 2]
+
+    def test_an_idempotency_key_is_forgotten_after_its_ttl(self, broker_factory):
+        broker, _ = broker_factory(idempotency_ttl=0.2)
+        channel = unique("c")
+        first = broker.publish(channel, 1, user=None, history=KEEP, idempotency_key="k")
+
+        def published_again() -> bool:
+            return broker.publish(channel, 1, user=None, history=KEEP,
+                                  idempotency_key="k").offset > first.offset
+
+        wait_until(published_again, timeout=5, interval=0.05, message="the key to expire")
 
     def test_unsubscribed_channels_are_not_delivered(self, broker_factory):
         (publisher, _), (subscriber, received) = broker_factory(), broker_factory()

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from realtime.app import create_app
-from realtime.broker import NO_STREAM, HistoryOptions
+from realtime.broker import NO_STREAM, HistoryOptions, PublishRequest
 from realtime.broker.redis import RedisBroker
 from realtime.config import Config
 from realtime.control import encode_control
@@ -28,8 +28,9 @@ KEEP = HistoryOptions(size=100, ttl=300)
 def make_broker(redis_server):
     brokers = []
 
-    def make(url=None):
-        broker, handler = RedisBroker(url or redis_server.url, timeout=2), RecordingHandler()
+    def make(url=None, **options):
+        broker, handler = RedisBroker(url or redis_server.url, timeout=2, **options), \
+            RecordingHandler()
         broker.start(handler)
         brokers.append(broker)
         return broker, handler
@@ -145,10 +146,13 @@ def test_a_lone_surrogate_is_a_bad_request_not_an_outage(make_broker, redis_serv
         broker.publish(channel, "x", user="\ud800", history=KEEP)
     with pytest.raises(BadRequest):
         broker.publish(channel + "\ud800", "x", user=None, history=KEEP)
-    results = broker.publish_many([(channel, 1, None), (channel, 2, "\udfff"),
-                                   (channel + "\ud800", 3, None), (channel, 4, None)],
+    results = broker.publish_many([PublishRequest(channel, 1), PublishRequest(channel, 2, "\udfff"),
+                                   PublishRequest(channel + "\ud800", 3),
+                                   PublishRequest(channel, 4),
+                                   PublishRequest(channel, 5, None, "key\ud800")],
                                   history=KEEP)
     assert isinstance(results[1], BadRequest) and isinstance(results[2], BadRequest)
+    assert isinstance(results[4], BadRequest)
     assert [results[0].offset, results[3].offset] == [1, 2]
     with pytest.raises(BadRequest):
         broker.publish_join(channel, "\ud800")
@@ -164,6 +168,31 @@ def test_a_lone_surrogate_is_a_bad_request_not_an_outage(make_broker, redis_serv
     with Emitter(redis_server.url) as emitter, pytest.raises(BadRequest):
         emitter.disconnect("\ud800")
     assert broker.publish(channel, "after", user="bob", history=KEEP).offset == 3
+
+
+def test_an_idempotency_key_holds_across_nodes_and_emitters(redis_server):
+    nodes = [create_app(Config(node_id=f"idem{i}", broker=redis_server.url)) for i in range(2)]
+    for realtime in nodes:
+        realtime.start()
+    channel = unique("orders")
+    try:
+        with Emitter(redis_server.url) as emitter:
+            first = emitter.publish(channel, {"id": 1}, idempotency_key="order-1")
+            for realtime in nodes:
+                answer = realtime.app.test_client().post("/api/publish", json={
+                    "channel": channel, "data": {"id": 1}, "idempotency_key": "order-1"}).json
+                assert answer == {"offset": first.offset, "epoch": first.epoch}
+            assert emitter.publish(channel, {"id": 1}, idempotency_key="order-1") == first
+            assert emitter.broadcast([channel, channel + "-b"], 2, idempotency_key="order-1") \
+                == [(channel, first), (channel + "-b", emitter.publish(
+                    channel + "-b", 2, idempotency_key="order-1"))]
+            with pytest.raises(BadRequest):
+                emitter.publish(channel, 3, idempotency_key="k" * 65)
+        history = nodes[0].node.history(channel)
+        assert [p.data for p in history.publications] == [{"id": 1}]
+    finally:
+        for realtime in nodes:
+            realtime.stop()
 
 
 def test_api_disconnect_of_a_lone_surrogate_user_is_400_on_redis(redis_server):

@@ -240,3 +240,40 @@ def test_trusted_proxies_come_from_the_configuration(make_http):
     assert_error(call(http, peer="10.0.0.5", X_Forwarded_For="10.9.9.9"), 403, "forbidden")
     # loopback is no longer a trusted proxy: its header is ignored, the peer itself counts
     assert call(http, peer="127.0.0.1", X_Forwarded_For="203.0.113.9").status_code == 200
+
+
+def test_a_publish_retried_with_its_idempotency_key_answers_the_first_position(http, connect):
+    watcher = connect("watcher")
+    watcher.emit("subscribe", {"channel": "orders"})
+    body = {"channel": "orders", "data": {"id": 7}, "idempotency_key": "order-7"}
+    first = http.post("/api/publish", json=body)
+    retry = http.post("/api/publish", json=body)
+    assert first.status_code == retry.status_code == 200 and retry.json == first.json
+    other = http.post("/api/publish", json={**body, "idempotency_key": "order-8"}).json
+    assert other["offset"] == first.json["offset"] + 1
+    assert [m["offset"] for m in watcher.wait_events("message", 2)] == [1, 2]
+    assert len(http.get("/api/history/orders").json["publications"]) == 2
+
+
+def test_a_broadcast_retried_with_its_key_publishes_only_where_it_had_not(http):
+    http.post("/api/publish", json={"channel": "b", "data": "x", "idempotency_key": "k"})
+    response = http.post("/api/broadcast", json={"channels": ["a", "b", "c"], "data": 1,
+                                                 "idempotency_key": "k"})
+    assert response.status_code == 200
+    # b had the key already (from the publish): it answers that publication's position
+    assert [(r["channel"], r["offset"]) for r in response.json["results"]] == [
+        ("a", 1), ("b", 1), ("c", 1)]
+    assert http.post("/api/broadcast", json={"channels": ["a", "b", "c"], "data": 1,
+                                             "idempotency_key": "k"}).json == response.json
+    assert [p["data"] for p in http.get("/api/history/b").json["publications"]] == ["x"]
+
+
+@pytest.mark.parametrize("key", ["", "k" * 65, 7, ["k"], {"k": 1}, True, "\ud800"])
+def test_a_bad_idempotency_key_is_a_400_and_publishes_nothing(http, key):
+    for path, body in (("/api/publish", {"channel": "keys", "data": 1}),
+                       ("/api/broadcast", {"channels": ["keys"], "data": 1})):
+        response = http.post(path, json={**body, "idempotency_key": key})
+        assert response.status_code == 400, (path, key)
+        assert response.json["error"]["code"] == "bad_request"
+        assert "idempotency_key" in response.json["error"]["message"]
+    assert http.get("/api/history/keys").json["publications"] == []

@@ -15,11 +15,23 @@ from tests.helpers import RecordingHandler, wait_until
 class TestMemoryBroker(BrokerContract):
     @pytest.fixture
     def broker_factory(self):
-        # One process, one broker: every "node" of the contract is the same one.
+        # One process, one broker: every "node" of the contract is the same one, unless the
+        # test asks for other options.
         broker, handler = MemoryBroker(), RecordingHandler()
         broker.start(handler)
-        yield lambda: (broker, handler)
-        broker.close()
+        others = []
+
+        def make(**options):
+            if not options:
+                return broker, handler
+            other, other_handler = MemoryBroker(**options), RecordingHandler()
+            other.start(other_handler)
+            others.append(other)
+            return other, other_handler
+
+        yield make
+        for other in [broker, *others]:
+            other.close()
 
     @pytest.fixture
     def stored(self, broker_factory):

@@ -35,6 +35,24 @@ def test_publish_reaches_every_subscriber_once_with_the_publisher(connect):
     assert carol.events("message") == []
 
 
+def test_a_client_publish_repeated_with_its_idempotency_key_is_made_once(connect):
+    alice, bob = connect("alice"), connect("bob")
+    bob.emit("subscribe", {"channel": "room"})
+    payload = {"channel": "room", "data": "hello", "idempotency_key": "msg-1"}
+    first = alice.emit("publish", payload)
+    assert first["ok"] and alice.emit("publish", payload) == first
+    assert alice.emit("publish", {**payload, "idempotency_key": "msg-2"})["offset"] == 2
+    assert [m["offset"] for m in bob.wait_events("message", 2)] == [1, 2]
+
+
+@pytest.mark.parametrize("key", ["", "k" * 65, 1, ["k"], {"k": 1}])
+def test_a_bad_idempotency_key_is_refused_with_bad_request(connect, key):
+    alice = connect("alice")
+    ack = alice.emit("publish", {"channel": "room", "data": 1, "idempotency_key": key})
+    assert ack["ok"] is False and ack["error"]["code"] == "bad_request"
+    assert alice.emit("history", {"channel": "room"})["publications"] == []
+
+
 def test_messages_arrive_in_offset_order_after_the_subscribe_ack(connect, realtime):
     alice = connect("alice")
     realtime.node.publish("feed", "before")

@@ -127,7 +127,7 @@ def test_publishes_queued_back_to_back_go_to_the_broker_together(open_peer, real
     publish_many = broker.publish_many
 
     def recording_publish_many(items, **kwargs):
-        runs.append([item[1] for item in items])
+        runs.append([item.data for item in items])
         return publish_many(items, **kwargs)
 
     monkeypatch.setattr(broker, "publish_many", recording_publish_many)
