@@ -48,8 +48,9 @@ class Realtime:
         self.node.start()
         self.engine.start()
 
-    def stop(self) -> None:
-        self.engine.stop()
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close what sessions are left, wait up to ``timeout`` for their clean-up, stop."""
+        self.engine.stop(timeout)
         self.node.stop()
 
     def wsgi(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import gevent
+import gevent.event
 
 from .codecs import PacketError, dumps
 from .config import Config
@@ -52,8 +53,14 @@ PATH = "/socket.io"
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # Seconds a client has to finish an upgrade (send "5") once its WebSocket is open.
 UPGRADE_TIMEOUT = 10.0
-# Close reasons that are the client's own doing: not worth a log line.
-QUIET_REASONS = frozenset({"client closed", "transport close", "client namespace disconnect"})
+# Close reasons that are the client's own doing, or one per client by design: not worth a log
+# line each.
+QUIET_REASONS = frozenset({"client closed", "transport close", "client namespace disconnect",
+                           "server draining"})
+# A drain closes its sessions evenly over this share of the drain timeout; the rest is left for
+# their presence clean-up and the HTTP requests in flight.
+DRAIN_SPREAD = 0.8
+DRAIN_TICK = 0.05  # seconds between two slices of a drain's closes
 
 StartResponse = Callable[..., Any]
 
@@ -85,11 +92,17 @@ def host_allowed(environ: Mapping[str, Any], allowed: frozenset[str]) -> bool:
 
 
 class HandshakeError(Exception):
-    """A request under /socket.io/ that is refused with a 4xx and a JSON error body."""
+    """A request under /socket.io/ that is refused with a 4xx (or 503) and a JSON error body."""
 
-    def __init__(self, message: str, status: str = "400 Bad Request") -> None:
+    def __init__(self, message: str, status: str = "400 Bad Request",
+                 code: str = "bad_request") -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
+
+
+DRAINING = HandshakeError("this node is shutting down: connect again (to another node)",
+                          "503 Service Unavailable", "unavailable")
 
 
 class EngineServer:
@@ -128,6 +141,8 @@ class EngineServer:
         # set entry per idle connection would cost more than the rest of its bookkeeping)
         self.websocket_count = 0
         self._ticker: gevent.Greenlet | None = None
+        # True once drain() began: new sessions are refused (503), existing ones closed
+        self.draining = False
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -145,6 +160,37 @@ class EngineServer:
         for session in list(self.sessions.values()):
             session.close("server shutting down", code=CLOSE_GOING_AWAY)
         gevent.joinall(list(self.cleanups), timeout=timeout)
+
+    def drain(self, duration: float, cut_short: gevent.event.Event) -> None:
+        """Close every session by closing its transport, evenly over most of ``duration``
+        seconds, and wait (up to the rest of it) until the node forgot them.
+
+        A transport close, never a Socket.IO DISCONNECT: the official client then reconnects
+        by itself, to another node behind the load balancer, spread over the drain rather than
+        all at once. New sessions are refused with 503 from now on. When ``cut_short`` is set
+        (a second SIGTERM), the remaining sessions are closed at once and nothing is waited
+        for.
+        """
+        self.draining = True
+        started = time.monotonic()
+        sessions = [session for session in self.sessions.values() if not session.closed]
+        spread = duration * DRAIN_SPREAD
+        closed = 0
+        while closed < len(sessions):
+            elapsed = time.monotonic() - started
+            due = len(sessions) if cut_short.is_set() or spread <= 0 else \
+                min(len(sessions), int(len(sessions) * elapsed / spread) + 1)
+            for session in sessions[closed:due]:
+                if not session.closed:
+                    session.close("server draining", code=CLOSE_GOING_AWAY)
+            closed = due
+            if closed < len(sessions):
+                cut_short.wait(DRAIN_TICK)
+        end = started + duration
+        while self.cleanups and not cut_short.is_set() and time.monotonic() < end:
+            cut_short.wait(min(DRAIN_TICK, max(0.0, end - time.monotonic())))
+        logger.info("drained %d sessions in %.1f s (%d presence clean-ups unfinished)",
+                    len(sessions), time.monotonic() - started, len(self.cleanups))
 
     @property
     def session_count(self) -> int:
@@ -272,7 +318,8 @@ class EngineServer:
         try:
             return self._handle_http(environ, start_response)
         except HandshakeError as exc:
-            return self._error(start_response, exc.status, str(exc), environ)
+            return self._error(start_response, exc.status, str(exc), environ,
+                               close=exc is DRAINING, code=exc.code)
 
     def _handle_http(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         query = parse_query(environ.get("QUERY_STRING", ""))
@@ -295,6 +342,8 @@ class EngineServer:
         if sid is None:
             if method != "GET":
                 raise HandshakeError("a session starts with a GET")
+            if self.draining:
+                raise DRAINING
             return self._open_polling(environ, start_response, cors)
         session = self.sessions.get(sid)
         if session is None:
@@ -397,7 +446,7 @@ class EngineServer:
         key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "")
         sid = query.get("sid")
         session: Session | None = None
-        problem = None
+        problem: str | HandshakeError | None = None
         if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13" or len(key) != 24:
             problem = "Bad WebSocket handshake"
         elif query.get("EIO") != "4" or query.get("transport") != "websocket":
@@ -406,6 +455,8 @@ class EngineServer:
             problem = "Not an accepted origin."
         elif not host_allowed(environ, self.allowed_hosts):
             problem = "this Host is not served here"
+        elif sid is None and self.draining:
+            problem = DRAINING
         elif sid is not None:
             session = self.sessions.get(sid)
             if session is None or session.closed:
@@ -415,11 +466,13 @@ class EngineServer:
                 problem = "this session cannot be upgraded now"
         try:
             if problem is not None:
-                body = json.dumps({"error": {"code": "bad_request", "message": problem}})
+                refusal = problem if isinstance(problem, HandshakeError) else \
+                    HandshakeError(problem)
+                body = json.dumps({"error": {"code": refusal.code, "message": str(refusal)}})
                 handler.socket.sendall(
-                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                    b"HTTP/1.1 %s\r\nContent-Type: application/json\r\n"
                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
-                    % (len(body), body.encode()))
+                    % (refusal.status.encode(), len(body), body.encode()))
                 return
             accept_key = base64.b64encode(hashlib.sha1(key.encode() + WEBSOCKET_GUID).digest())
             response = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"

@@ -105,6 +105,8 @@ class Node:
         self._tasks: list[gevent.Greenlet] = []
         self._running = False
         self._heartbeat_faults = FaultLog(logger, "the node's heartbeat")
+        # Set when the node is shutting down: it is no longer ready for new traffic.
+        self.draining = False
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -123,8 +125,8 @@ class Node:
         self.presence_store.close()
 
     def is_ready(self) -> bool:
-        """True when the node can take traffic: started and its broker healthy."""
-        return self._running and self.broker.is_healthy()
+        """True when the node can take traffic: started, not draining, its broker healthy."""
+        return self._running and not self.draining and self.broker.is_healthy()
 
     # -- sessions ----------------------------------------------------------------------------
 

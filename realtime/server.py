@@ -277,6 +277,14 @@ class RealtimeHandler(pywsgi.WSGIHandler):
     def log_request(self) -> None:
         pass
 
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Any:
+        # While the node drains, every answer ends its connection: a proxy must not send the
+        # next request down a connection to a node that is going away.
+        if self.server.draining and not any(name.lower() == "connection" for name, _ in headers):
+            headers = [*headers, ("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
+
     def handle(self) -> None:
         try:
             super().handle()
@@ -362,6 +370,8 @@ class RealtimeHandler(pywsgi.WSGIHandler):
             engine.handle_websocket(self)
             self.close_connection = True
             return
+        server = self.server
+        server.busy_requests += 1
         try:
             super().run_application()
         except _RequestTimeout:
@@ -370,6 +380,8 @@ class RealtimeHandler(pywsgi.WSGIHandler):
             if not self.headers_sent:
                 _send_nowait(self.socket, error_response("408 Request Timeout", BadRequest(
                     "the request body did not arrive in time")))
+        finally:
+            server.busy_requests -= 1
 
 
 class RealtimeServer(pywsgi.WSGIServer):
@@ -387,6 +399,8 @@ class RealtimeServer(pywsgi.WSGIServer):
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.http_connections = 0  # accepted and not yet closed or handed to the engine
+        self.busy_requests = 0  # requests being answered (a long-poll waits in one)
+        self.draining = False  # answers close their connections (see drain())
         self.refused = 0  # connections answered 503 in the current burst
         self._last_refusal = 0.0
         self._burst_watch: gevent.Greenlet | None = None
@@ -513,16 +527,46 @@ def serve(config: Config) -> None:
     logger.info("node %s serving on http://%s:%d (broker %s, up to %d connections, %d open "
                 "files)", config.node_id, host, port, redacted_url(config.broker), max_connections,
                 open_files)
-    stopped = gevent.event.Event()
+    stop_asked = gevent.event.Event()
+    cut_short = gevent.event.Event()
 
-    def shut_down(signum: int) -> None:
-        logger.info("received %s; stopping", signal.Signals(signum).name)
-        stopped.set()
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop_asked.is_set():
+            logger.info("received %s again: stopping now", name)
+            cut_short.set()
+            return
+        logger.info("received %s: draining (%d sessions, up to %g s; send it again to stop "
+                    "at once)", name, realtime.engine.session_count, config.drain_timeout)
+        stop_asked.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, shut_down, signum)
+        gevent.signal_handler(signum, on_signal, signum)
     server.start()
-    stopped.wait()
-    server.stop(timeout=2)
-    realtime.stop()
+    stop_asked.wait()
+    drain(server, realtime, config.drain_timeout, cut_short)
     logger.info("node %s stopped", config.node_id)
+
+
+def drain(server: RealtimeServer, realtime: Realtime, timeout: float,
+          cut_short: gevent.event.Event) -> None:
+    """Take a node out of service within ``timeout`` seconds, losing nothing on the way.
+
+    In order: ``/readyz`` answers 503 (load balancers stop sending new clients); the listening
+    socket closes and new Engine.IO sessions on connections already open are refused with
+    503; every answer closes its connection; the clients are closed gradually by their
+    transport (they reconnect elsewhere by themselves) and their presence removed, with
+    ``leave`` events; the HTTP requests in flight finish. ``cut_short`` (a second signal)
+    ends the wait at once.
+    """
+    deadline = time.monotonic() + timeout
+    realtime.node.draining = True
+    server.draining = True
+    server.close()
+    realtime.engine.drain(timeout, cut_short)
+    while server.busy_requests and not cut_short.is_set() and time.monotonic() < deadline:
+        cut_short.wait(0.05)
+    if server.busy_requests:
+        logger.warning("stopping with %d HTTP requests unanswered", server.busy_requests)
+    server.stop(timeout=0)
+    realtime.stop(timeout=0.0 if cut_short.is_set() else max(0.5, deadline - time.monotonic()))
