@@ -93,6 +93,7 @@ class Node:
         self.node_id = config.node_id
         self.broker = broker
         self.presence_store = presence
+        presence.on_expired = self._on_presence_expired
         self.hub = Hub()
         self.continuity = Continuity(self.hub, self._history_since)
         self.channels = ChannelPolicy(config)
@@ -368,6 +369,7 @@ class Node:
                 self.presence_store.refresh([
                     entry for entry in self.hub.presence_entries(beat % slices, slices)
                     if rules(entry[0]).presence])
+                self.presence_store.sweep()
             except RealtimeError as exc:
                 # Redis away: the broker logs the outage, once; the next beat tries again.
                 logger.debug("heartbeat failed: %s", exc)
@@ -377,6 +379,18 @@ class Node:
                 self._heartbeat_faults.recovered()
             beat += 1
             gevent.sleep(HEARTBEAT_INTERVAL * random.uniform(0.8, 1.0))
+
+    def _on_presence_expired(self, channel: str, users: list[str]) -> None:
+        """The presence of ``users`` in ``channel`` expired (their node died): publish their
+        leave, once for the whole deployment (the store reports each expiry once)."""
+        if not self.channels.rules(channel).join_leave:
+            return
+        for user in users:
+            try:
+                self.broker.publish_leave(channel, user)
+            except RealtimeError as exc:
+                logger.debug("the leave of %r in %r after its expiry was lost: %s", user,
+                             channel, exc)
 
     # -- BrokerEventHandler ------------------------------------------------------------------
 

@@ -65,6 +65,10 @@ def redacted_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
 
 
+PRESENCE_DUE_KEY = KEY_PREFIX + ":presence:due"
+"""Sorted set of the channels with presence entries, scored by their earliest expiry (ms)."""
+
+
 def pubsub_channel(channel: str) -> str:
     return f"{KEY_PREFIX}:c:{channel}"
 

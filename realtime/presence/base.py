@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+ExpiredHandler = Callable[[str, list[str]], None]
+"""``on_expired(channel, users)``: users left without a connection in ``channel`` because the
+entries of a node that stopped refreshing them expired."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,10 +39,17 @@ class PresenceStore(abc.ABC):
       connections sees the user as new, and exactly one ``remove`` sees it leave, so join and
       leave events are neither doubled nor lost while the store is reachable.
     * Entries written by a node expire ``ttl`` seconds after the node last wrote or refreshed
-      them (:meth:`refresh`), so a node that dies without cleaning up stops being counted. An
-      expired entry produces no ``leave`` event.
+      them (:meth:`refresh`), so a node that dies without cleaning up stops being counted.
+      The users whose last entry in a channel expired are handed to ``on_expired`` (set by
+      the node, which publishes their ``leave``) exactly once across every store sharing the
+      backend: by the one call that dropped the entries, whichever it is, or by
+      :meth:`sweep`, which each node calls every heartbeat so that expiry is noticed even on
+      channels nobody touches.
     * A call that cannot reach the backing store raises :class:`~realtime.errors.Unavailable`.
     """
+
+    def __init__(self) -> None:
+        self.on_expired: ExpiredHandler | None = None
 
     @abc.abstractmethod
     def add(self, channel: str, client_id: str, user: str,
@@ -55,6 +66,12 @@ class PresenceStore(abc.ABC):
 
     def refresh(self, entries: list[tuple[str, str, str]]) -> None:  # noqa: B027
         """Extend the life of this node's live ``(channel, client_id, user)`` entries.
+
+        Stores whose entries do not expire need not do anything.
+        """
+
+    def sweep(self) -> None:  # noqa: B027
+        """Drop the entries that expired on channels nobody touched, reporting who left.
 
         Stores whose entries do not expire need not do anything.
         """

@@ -12,6 +12,7 @@ class MemoryPresenceStore(PresenceStore):
     """:class:`PresenceStore` for one node. Entries never expire: they die with the process."""
 
     def __init__(self) -> None:
+        super().__init__()
         # channel -> user -> client ids
         self._channels: dict[str, dict[str, set[str]]] = {}
         # (channel, user) -> info, for users whose token had one

@@ -225,6 +225,36 @@ def test_presence_entries_expire_without_refresh(redis_server):
     store.close()
 
 
+def test_a_dead_nodes_expired_users_are_reported_once_across_nodes(redis_server):
+    dead = RedisPresenceStore(redis_server.url, ttl=0.3)  # writes, then never refreshes
+    live = [RedisPresenceStore(redis_server.url, ttl=30) for _ in range(3)]
+    reports = []
+    for store in live:
+        store.on_expired = lambda channel, users: reports.append((channel, sorted(users)))
+    quiet, busy = unique("quiet"), unique("busy")
+    for channel in (quiet, busy):
+        dead.add(channel, "d1", "alice")
+        dead.add(channel, "d2", "bob")
+    live[0].add(busy, "l1", "bob")  # bob is still connected to busy through a live node
+
+    def every_expiry_reported() -> bool:
+        for store in live:  # the nodes' heartbeats, racing each other
+            store.sweep()
+        return len(reports) >= 2
+
+    try:
+        wait_until(every_expiry_reported, timeout=5, interval=0.05, message="two reports")
+        for store in live:
+            store.sweep()
+        # nobody touches quiet: the sweep found it; alice and bob left it, reported once
+        assert sorted(reports) == sorted([(quiet, ["alice", "bob"]), (busy, ["alice"])])
+        assert live[1].members(busy) == [PresenceMember("bob", 1)]
+        assert live[2].members(quiet) == []
+    finally:
+        for store in (dead, *live):
+            store.close()
+
+
 def test_unreachable_redis_raises_unavailable():
     from tests.helpers import free_port
 
