@@ -233,8 +233,9 @@
    * on every (re)connect. The first time (no epoch yet) this is a plain subscribe
    * followed by a history load. After a reconnect it passes `since` so the
    * server can send exactly what we missed; if it can't (recovered: false) we
-   * drop what we have and reload the history instead. Live messages at or
-   * below `lastOffset` are ones we already have.
+   * drop what we have and reload the history instead; the same when the server
+   * sends `reset` (the stream broke while we were connected). Live messages at
+   * or below `lastOffset` are ones we already have.
    *
    * `gen` is bumped on channel change, on connection loss and at the start of
    * every sync: callbacks capture it and drop their result when it no longer
@@ -275,6 +276,7 @@
       connection.on('connect', () => this.sync());
       connection.on('disconnect', () => this.connectionLost());
       connection.on('message', (msg) => this.receive(msg));
+      connection.on('reset', (event) => this.streamReset(event));
     }
 
     // Forgets the current channel's state and switches to `channel`; sync()
@@ -379,6 +381,25 @@
         this.add(hist.publications, false);
         this.onHistorySettled();
       });
+    }
+
+    // Handler for the server's `reset` event: the channel's stream broke (the
+    // server could not fill a gap from history: Redis lost it, or the gap was
+    // older than history). It now stands at epoch/offset, and live messages
+    // continue from offset + 1; what came before may be missing, so drop what
+    // we show, reload the history, and say so.
+    streamReset(event) {
+      if (!event || event.channel !== this.channel || !this.subscribed) return;
+      const offset = toOffset(event.offset);
+      if (offset === null || typeof event.epoch !== 'string') return;
+      const newEpoch = event.epoch !== this.epoch;
+      this.publications.clear();
+      this.epoch = event.epoch;
+      this.lastOffset = offset;
+      this.historyPending = true;
+      this.onRestart({ newEpoch, offset });
+      this.status.showNotice(this.texts.missed);
+      this.loadHistory(this.gen);
     }
 
     // Retries fn while nothing else (channel change, reconnect, new sync) happened.
