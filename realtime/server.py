@@ -45,6 +45,10 @@ from .redis_support import redacted_url
 
 logger = logging.getLogger(__name__)
 
+# Body bytes an application left unread that the node still reads through to keep the connection
+# (past this, the answer closes it instead).
+DISCARD_LIMIT = 64 * 1024
+
 # Connection bursts (a reconnect storm, a benchmark) queue in the kernel rather than being
 # refused; Linux caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 4096
@@ -226,6 +230,20 @@ class TimedInput:
     def __iter__(self) -> TimedInput:
         return self
 
+    @property
+    def unread(self) -> int | None:
+        """Bytes of the body the application left unread (None: unknown, chunked)."""
+        body = self._input
+        if body.chunked_input:
+            return None
+        return max(0, (body.content_length or 0) - body.position)
+
+    def _discard(self) -> None:
+        # pywsgi reads what the application left of the body so that the connection can
+        # serve its next request; not when the answer already closes it (start_response).
+        if not self._handler.close_connection:
+            self._timed(self._input._discard)
+
     def __next__(self) -> bytes:
         line = self.readline()
         if not line:
@@ -279,9 +297,18 @@ class RealtimeHandler(pywsgi.WSGIHandler):
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Any:
-        # While the node drains, every answer ends its connection: a proxy must not send the
-        # next request down a connection to a node that is going away.
-        if self.server.draining and not any(name.lower() == "connection" for name, _ in headers):
+        # An answer after which the node closes the connection says so: a proxy that keeps
+        # connections alive (the shipped nginx does) would otherwise send its next request
+        # down a dead one. The node closes while it drains (the proxy must not reuse
+        # connections to a node going away), when the request asked it to, and when the
+        # application left more of the body unread than is worth reading through.
+        body = self.wsgi_input
+        unread = body.unread if isinstance(body, TimedInput) else 0
+        if self.server.draining or (unread is None and status[:1] in "45") or \
+                (unread or 0) > DISCARD_LIMIT:
+            self.close_connection = True
+        if self.close_connection and \
+                not any(name.lower() == "connection" for name, _ in headers):
             headers = [*headers, ("Connection", "close")]
         return super().start_response(status, headers, exc_info)
 

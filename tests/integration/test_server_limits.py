@@ -21,6 +21,7 @@ from engineio import packet
 from tests.helpers import wait_until
 from tests.integration.clients import RecordingClient, _InOrderEngineIOClient, connect_client
 from tests.integration.processes import NodeProcess
+from tests.integration.rawclients import RawHttp
 
 HEADER_TIMEOUT = 1.0
 IDLE_TIMEOUT = 2.0
@@ -161,6 +162,21 @@ def test_an_idle_keep_alive_connection_is_closed_silently_after_the_idle_timeout
     answered = time.monotonic()
     assert read_until_closed(sock) == b""
     assert IDLE_TIMEOUT - 0.2 <= time.monotonic() - answered <= IDLE_TIMEOUT + LATE
+
+
+def test_an_answer_after_which_the_node_closes_says_connection_close(timed_node):
+    """A proxy that keeps connections alive (the shipped nginx) must never be left holding one
+    the node closed without saying so: it would send its next request down a dead one."""
+    with RawHttp(timed_node.port) as http:
+        # refused unread (not JSON), but small: read through, and the connection stays
+        reply = http.request("POST", "/api/publish", b"x" * 10_000, keep_alive=True)
+        reply.assert_json_error(400, "bad_request")
+        assert "connection" not in reply.headers
+        assert http.request("GET", "/healthz", keep_alive=True).status == 200
+        # refused unread and large: not worth reading through, the node closes and says so
+        reply = http.request("POST", "/api/publish", b"x" * 300_000, keep_alive=True)
+        reply.assert_json_error(400, "bad_request")
+        assert reply.headers["connection"] == "close"
 
 
 class PingCountingClient(RecordingClient):
