@@ -90,9 +90,12 @@ def _add_cluster_parser(commands: argparse._SubParsersAction) -> None:
             "--port in front of them. nginx sends every Engine.IO session to the node that\n"
             "issued it (the session id starts with the node id) and new sessions to the\n"
             "node with the fewest connections: see nginx/README.md.\n\n"
-            "It prints the URLs and pids, then runs until Ctrl-C or SIGTERM (exit status 0)\n"
-            "or until a part dies (exit status 1, with that part's log tail). On the way out\n"
-            "it stops every process it started. Needs redis-server and nginx installed."),
+            "It prints the URLs and pids, then runs until Ctrl-C or SIGTERM (exit status 0).\n"
+            "A part that dies meanwhile (redis, a node, nginx) is logged with its exit status\n"
+            "and log tail and started again: same port, node id and command line, after a\n"
+            "growing delay if it keeps dying. On the way out it stops every process it\n"
+            "started. Exit status 1 if the cluster cannot start. Needs redis-server and nginx\n"
+            "installed."),
         epilog="Flags after -- go to every node, e.g.: run.py cluster --nodes 2 -- "
                "--presence-ttl 3 --log-level debug")
     cluster.add_argument("--nodes", type=_positive_int, default=3, metavar="N",
@@ -105,6 +108,10 @@ def _add_cluster_parser(commands: argparse._SubParsersAction) -> None:
     cluster.add_argument("--redis", metavar="URL",
                          help="use this running redis (redis://host:port/db) instead of "
                               "starting a redis-server")
+    cluster.add_argument("--redis-appendonly", action="store_true",
+                         help="run the cluster's redis-server with an append-only file "
+                              "(appendfsync everysec) in the work directory, so that history "
+                              "survives a restart of redis (not with --redis)")
     cluster.add_argument("--workdir", metavar="DIR",
                          help="keep logs and nginx.conf in DIR (default: a temporary directory, "
                               "removed on exit)")
@@ -162,10 +169,15 @@ def main(argv: list[str] | None = None) -> int:
 def run_cluster(args: argparse.Namespace) -> int:
     """``run.py cluster``: start a :class:`~realtime.cluster.LocalCluster` and supervise it.
 
-    Returns 0 after a stop by SIGINT/SIGTERM, 1 when a part fails to start or dies.
+    A part that dies is started again (:class:`~realtime.cluster.Supervisor`). Returns 0 after
+    a stop by SIGINT/SIGTERM, 1 when the cluster fails to start, 2 for contradictory flags.
     """
-    from .cluster import ClusterAborted, ClusterError, LocalCluster
+    from .cluster import ClusterAborted, ClusterError, LocalCluster, Supervisor
 
+    if args.redis_appendonly and args.redis:
+        print("run.py cluster: --redis-appendonly is for the cluster's own redis-server; "
+              "configure persistence on the redis at --redis yourself", file=sys.stderr)
+        return 2
     configure_logging(args.log_level)
     keep_workdir = args.workdir is not None
     workdir = Path(args.workdir) if keep_workdir else Path(
@@ -186,7 +198,8 @@ def run_cluster(args: argparse.Namespace) -> int:
     node_flags, node_env = node_auth_settings(args)
     cluster = LocalCluster(workdir=workdir, nodes=args.nodes, port=args.port,
                            redis_url=args.redis, node_args=[*node_flags, *args.node_args],
-                           node_env=node_env, host=args.host)
+                           node_env=node_env, host=args.host,
+                           redis_appendonly=args.redis_appendonly)
     try:
         try:
             cluster.start(abort=stop_requested.is_set)
@@ -197,15 +210,10 @@ def run_cluster(args: argparse.Namespace) -> int:
             print(f"run.py cluster: {exc}", file=sys.stderr)
             return 1
         _print_cluster(cluster, removed_on_exit=not keep_workdir)
-        # Wake up now and then to notice a part that died on its own.
+        supervisor = Supervisor(cluster)
+        # Wake up now and then to notice a part that died on its own, and start it again.
         while not stop_requested.wait(0.25):
-            dead = cluster.dead_children()
-            if dead:
-                for child in dead:
-                    print(f"run.py cluster: {child.name} (pid {child.pid}) exited unexpectedly "
-                          f"with status {child.returncode}\n{child.log_tail()}", file=sys.stderr)
-                print("run.py cluster: stopping the rest", file=sys.stderr)
-                return 1
+            supervisor.check()
         logger.info("received %s; stopping the cluster", signal.Signals(received[0]).name)
         return 0
     finally:
@@ -250,8 +258,10 @@ def _print_cluster(cluster: LocalCluster, removed_on_exit: bool) -> None:
     lines = [f"realtime cluster of {len(cluster.node_urls)} nodes is ready:"]
     lines += [f"  {name:<10} {url:<{width}}  {note}" for name, url, note in rows]
     where = "removed on exit" if removed_on_exit else "kept"
-    lines.append(f"Logs and nginx.conf in {cluster.workdir} ({where}). "
-                 "Ctrl-C or SIGTERM stops everything.")
+    if cluster.redis_appendonly:
+        lines.append(f"redis keeps its data in an append-only file in {cluster.workdir}.")
+    lines.append(f"Logs and nginx.conf in {cluster.workdir} ({where}). A part that dies is "
+                 "started again; Ctrl-C or SIGTERM stops everything.")
     print("\n".join(lines), flush=True)
 
 

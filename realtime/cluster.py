@@ -1,9 +1,10 @@
 """A local cluster as child processes: redis, N nodes and nginx in front of them.
 
-``python run.py cluster`` runs one for development; integration tests use :class:`LocalCluster`
-as a fixture. Every child runs in a session of its own, so that a Ctrl-C in the terminal reaches
-only the orchestrating process, which then stops the children in order (nginx, nodes, redis), and
-so that a child's own children (nginx workers) can be swept up with it.
+``python run.py cluster`` runs one for development, with a :class:`Supervisor` that starts a
+part that dies again; integration tests use :class:`LocalCluster` as a fixture. Every child runs
+in a session of its own, so that a Ctrl-C in the terminal reaches only the orchestrating process,
+which then stops the children in order (nginx, nodes, redis), and so that a child's own children
+(nginx workers) can be swept up with it.
 
 The nginx configuration comes from ``nginx/realtime.conf.template`` (see ``nginx/README.md``):
 sessions stick to their node through the node id at the start of every Engine.IO session id.
@@ -39,11 +40,27 @@ PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 DEFAULT_PROXY_TIMEOUT = "75s"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+# Between the two SIGTERMs that stop a node without its drain (see stop_children).
+SECOND_SIGNAL_DELAY = 0.2
 # How long an external redis may take to accept a connection: it is already running, or not.
 EXTERNAL_REDIS_TIMEOUT = 5.0
 POLL_INTERVAL = 0.05
 # Open files per nginx worker: both sides of 20000 worker_connections, plus slack.
 WORKER_RLIMIT_NOFILE = 45000
+# A part that ran this long before it died is started again at once; one that keeps dying
+# sooner waits longer and longer before each start, up to RESTART_MAX_DELAY.
+RESTART_STABLE_AFTER = 10.0
+RESTART_MAX_DELAY = 30.0
+# Failure accounting of the upstream of new sessions and plain HTTP (see nginx/README.md,
+# "When a node fails"): this many failed attempts within NODE_FAIL_TIMEOUT take a node out of
+# rotation for NODE_FAIL_TIMEOUT. Every node is also listed as a backup that is never taken out.
+NODE_MAX_FAILS = 3
+NODE_FAIL_TIMEOUT = "5s"
+# Idle keep-alive connections per nginx worker: to all nodes together, and to each node for its
+# sessions; nginx closes them before the nodes' --idle-timeout (60 s) would.
+UPSTREAM_KEEPALIVE = 16
+NODE_UPSTREAM_KEEPALIVE = 8
+UPSTREAM_KEEPALIVE_TIMEOUT = "50s"
 # Words with a meaning of their own as keys of an nginx `map`: a node id spelled like one must be
 # escaped with a backslash to be taken literally.
 _NGINX_MAP_KEYWORDS = frozenset({"default", "hostnames", "include", "volatile"})
@@ -157,16 +174,29 @@ def render_nginx_config(
         "# New handshakes and plain HTTP: any node, the one with the fewest connections first.",
         "upstream realtime_all {",
         "    least_conn;",
-        *(f"    server {address};" for address in addresses),
-        "    # Idle connections kept open to the nodes for the `/` location; nginx lets them go",
-        "    # before the nodes' --idle-timeout (60 s) does, so that it never sends a request",
-        "    # on a connection the node is closing.",
-        "    keepalive 16;",
-        "    keepalive_timeout 50s;",
+        f"    # {NODE_MAX_FAILS} failed attempts (no connection, a reset, a timeout) within "
+        f"{NODE_FAIL_TIMEOUT} take a node",
+        f"    # out of rotation for {NODE_FAIL_TIMEOUT}; then one request tries it again.",
+        *(f"    server {address} max_fails={NODE_MAX_FAILS} fail_timeout={NODE_FAIL_TIMEOUT};"
+          for address in addresses),
+        "    # The same nodes again, as backups that are never taken out: when every node above",
+        "    # is out at once (a rolling restart, a few errors from each), requests still try",
+        "    # them all rather than get 502 \"no live upstreams\". See nginx/README.md.",
+        *(f"    server {address} backup max_fails=0;" for address in addresses),
+        "    # Idle connections kept open to the nodes for the next requests. The nodes keep them",
+        "    # alive as well and say `Connection: close` when they end one; they close an idle one",
+        "    # after their --idle-timeout (60 s), and nginx lets it go before that, so that it",
+        "    # never sends a request on a connection that the node is closing.",
+        f"    keepalive {UPSTREAM_KEEPALIVE};",
+        f"    keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT};",
         "}",
     ]
     for node_id, address in nodes.items():
-        upstreams += ["", f"upstream {upstream_name(node_id)} {{", f"    server {address};", "}"]
+        # A single server: nginx never takes it out of rotation (there is nowhere else to go).
+        upstreams += ["", f"upstream {upstream_name(node_id)} {{", f"    server {address};",
+                      "    # (its sessions' requests: kept-alive connections as above)",
+                      f"    keepalive {NODE_UPSTREAM_KEEPALIVE};",
+                      f"    keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT};", "}"]
     node_map = []
     for node_id in nodes:
         key = "\\" + node_id if node_id.lower() in _NGINX_MAP_KEYWORDS else node_id
@@ -222,13 +252,15 @@ class Child:
         self.log_path = log_path
         self.url = url
         self.extra_log = extra_log
+        self.env = None if env is None else dict(env)
         # The child keeps its own copy of the descriptor; appending keeps the log of an earlier
         # run of the same node when it is started again.
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT, env=None if env is None else dict(env), start_new_session=True)
+                cwd=REPO_ROOT, env=self.env, start_new_session=True)
         self.pid = self.process.pid
+        self.started_at = time.monotonic()
         self._stop_logged = False
         self._group_gone = False
         logger.info("started %s (pid %d), log %s", name, self.pid, log_path)
@@ -243,6 +275,22 @@ class Child:
     @property
     def returncode(self) -> int | None:
         return self.process.poll()
+
+    def respawn(self) -> Child:
+        """A new process of this child: the same command line, environment and log files."""
+        return Child(self.kind, self.name, self.argv, self.log_path, url=self.url,
+                     extra_log=self.extra_log, env=self.env)
+
+    def exit_description(self) -> str:
+        """How the process ended: ``status 1``, ``signal SIGKILL``; ``running`` if it has not."""
+        code = self.returncode
+        if code is None:
+            return "running"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"signal {signal.Signals(-code).name}"
+            return f"signal {-code}"
+        return f"status {code}"
 
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines of the child's log (and of its extra log, if any)."""
@@ -287,10 +335,21 @@ class Child:
             pass
 
 
-def stop_children(children: Sequence[Child], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM every child, SIGKILL those still running after ``timeout`` s, reap them all."""
+def stop_children(children: Sequence[Child], timeout: float = STOP_TIMEOUT, *,
+                  skip_drain: bool = False) -> None:
+    """SIGTERM every child, SIGKILL those still running after ``timeout`` s, reap them all.
+
+    A node drains on SIGTERM (up to its ``--drain-timeout``); with ``skip_drain`` it gets a
+    second SIGTERM a moment later, which ends its drain at once: when the whole cluster stops,
+    its clients have nowhere to go.
+    """
     for child in children:
         child.send_signal(signal.SIGTERM)
+    if skip_drain and children:
+        time.sleep(SECOND_SIGNAL_DELAY)  # the first must be handled: signals do not queue
+        for child in children:
+            if child.alive():
+                child.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for child in children:
         try:
@@ -314,7 +373,9 @@ class LocalCluster:
     ``start()`` returns once every part is ready, ``stop()`` ends every child it started. After
     ``start()``: ``url`` is nginx's URL, ``node_urls`` maps node ids to node URLs, ``redis_url``
     is the broker URL the nodes use, ``children`` lists the processes (``pids`` by name). Files
-    (logs, ``nginx.conf``) go to ``workdir``, which is neither created empty nor removed here.
+    (logs, ``nginx.conf``, redis's append-only file with ``redis_appendonly``) go to
+    ``workdir``, which is neither created empty nor removed here. :meth:`restart` starts a part
+    that died again, the same way; :class:`Supervisor` does it for every part that dies.
     """
 
     def __init__(
@@ -329,6 +390,7 @@ class LocalCluster:
         host: str = "127.0.0.1",
         ready_timeout: float = READY_TIMEOUT,
         proxy_timeout: str = DEFAULT_PROXY_TIMEOUT,
+        redis_appendonly: bool = False,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"a cluster needs at least one node, not {nodes}")
@@ -340,6 +402,11 @@ class LocalCluster:
         self.redis_url = redis_url
         # Whether start() runs a redis-server of its own (False: redis_url is somebody else's).
         self.owns_redis = redis_url is None
+        if redis_appendonly and not self.owns_redis:
+            raise ValueError("redis_appendonly is for the cluster's own redis-server, "
+                             "not for one given by redis_url")
+        # The own redis-server writes an append-only file (fsync every second) into workdir.
+        self.redis_appendonly = redis_appendonly
         self.node_args = list(node_args)
         # Variables every node gets on top of this process's environment: secrets go here,
         # where other users of the machine cannot read them (a command line they can).
@@ -407,7 +474,8 @@ class LocalCluster:
         reaped, and its session swept, before this returns.
         """
         for kind in ("nginx", "node", "redis"):
-            stop_children([c for c in self.children if c.kind == kind], timeout)
+            stop_children([c for c in self.children if c.kind == kind], timeout,
+                          skip_drain=kind == "node")
 
     def kill_node(self, node_id: str) -> None:
         """SIGKILL node ``node_id`` (a crash: no clean shutdown) and reap it."""
@@ -421,13 +489,35 @@ class LocalCluster:
 
     def start_node(self, node_id: str) -> Child:
         """Start node ``node_id`` again (after kill_node/stop_node), same port; wait until ready."""
-        old = self.node(node_id)
-        if old.alive():
-            raise RuntimeError(f"node {node_id} is still running (pid {old.pid})")
-        self.children.remove(old)
-        child = self._spawn_node(node_id)
+        child = self.restart(self.node(node_id))
         self._wait_ready([child], f"node {node_id} to be ready", self.ready_timeout, [child])
         return child
+
+    def restart(self, child: Child) -> Child:
+        """Start ``child``, a part of this cluster that has exited, again; return the new one.
+
+        The same command line: the same port, node id, environment and redis data directory
+        (with ``redis_appendonly``, redis reads its append-only file back), and the same log
+        files, appended to. Whatever the old process left behind (the workers of a killed
+        nginx master, which hold its port) is killed first. Does not wait for the new process
+        to be ready: see :meth:`is_ready`.
+        """
+        if child not in self.children:
+            raise ValueError(f"{child!r} is not a part of this cluster")
+        if child.alive():
+            raise RuntimeError(f"{child.name} is still running (pid {child.pid})")
+        child.kill()
+        replacement = child.respawn()
+        self.children[self.children.index(child)] = replacement
+        return replacement
+
+    def is_ready(self, child: Child) -> bool:
+        """Whether ``child`` answers: redis PING, a node's or nginx's ``/readyz`` with 200."""
+        if not child.alive():
+            return False
+        if child.kind == "redis":
+            return redis_pings(*_redis_address(child.url or ""))
+        return _http_ok(f"{child.url}/readyz")
 
     def dead_children(self) -> list[Child]:
         """The children that have exited, e.g. for a supervisor to notice a crash."""
@@ -451,8 +541,11 @@ class LocalCluster:
             return
         port = free_port("127.0.0.1")
         self.redis_url = f"redis://127.0.0.1:{port}/0"
+        # No snapshots: without the append-only file a restarted redis starts empty.
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] \
+            if self.redis_appendonly else ["--appendonly", "no"]
         argv = [find_executable("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+                "--save", "", *persistence, "--dir", str(self.workdir)]
         child = Child("redis", "redis", argv, self.workdir / "redis.log", url=self.redis_url)
         self.children.append(child)
         self._wait(lambda: redis_pings("127.0.0.1", port), "redis to answer PING",
@@ -533,6 +626,94 @@ class LocalCluster:
                 raise ClusterError(f"timed out after {timeout:g}s waiting for {what}"
                                    + (f"\n{tails}" if tails else ""))
             time.sleep(POLL_INTERVAL)
+
+
+class Supervisor:
+    """Starts the parts of a running :class:`LocalCluster` again when they die on their own.
+
+    Call :meth:`check` every fraction of a second. A part (redis, a node, nginx) that has
+    exited is logged, one warning with its exit status followed by its log tail, and started
+    again with :meth:`LocalCluster.restart`: the same port, node id and command line. A part
+    that dies within ``stable_after`` seconds of its start is started again at once the first
+    time; when it keeps doing so, after 1, 2, 4... up to ``max_delay`` seconds (the warning
+    says so), so that a part that cannot start costs a start now and then, not a busy loop.
+    When a restarted part answers again, an info line says so. The supervisor never stops the
+    cluster: that is for its owner (``run.py cluster`` on Ctrl-C or SIGTERM).
+    """
+
+    def __init__(self, cluster: LocalCluster, *, stable_after: float = RESTART_STABLE_AFTER,
+                 max_delay: float = RESTART_MAX_DELAY) -> None:
+        self.cluster = cluster
+        self.stable_after = stable_after
+        self.max_delay = max_delay
+        # Per part name: deaths in a row that each came within stable_after of a start.
+        self._quick_deaths: dict[str, int] = {}
+        # Per part name: when a dead part is due to be started again.
+        self._due: dict[str, float] = {}
+        # Per part name: when it died, for parts started again that have not answered yet.
+        self._restarted: dict[str, float] = {}
+        self._slow_noted: set[str] = set()
+
+    def check(self) -> None:
+        """Notice dead parts, start the due ones again, and note those that answer again."""
+        now = time.monotonic()
+        for child in list(self.cluster.children):
+            name = child.name
+            if name in self._due:
+                if now >= self._due[name]:
+                    del self._due[name]
+                    self._start_again(child)
+            elif not child.alive():
+                self._died(child, now)
+            elif name in self._restarted:
+                self._watch_restart(child, now)
+
+    def _died(self, child: Child, now: float) -> None:
+        ran = now - child.started_at
+        quick = self._quick_deaths.get(child.name, 0) + 1 if ran < self.stable_after else 1
+        self._quick_deaths[child.name] = quick
+        delay = self._delay(quick)
+        self._restarted.setdefault(child.name, now)
+        if delay:
+            plan = (f"it keeps dying ({quick} times in a row within {self.stable_after:g} s of "
+                    f"its start): starting it again in {delay:g} s")
+        else:
+            plan = "starting it again"
+        logger.warning("%s (pid %d) exited on its own with %s after %.1f s; %s\n%s",
+                       child.name, child.pid, child.exit_description(), ran, plan,
+                       child.log_tail())
+        if delay:
+            self._due[child.name] = now + delay
+        else:
+            self._start_again(child)
+
+    def _delay(self, quick_deaths: int) -> float:
+        """Seconds to wait before the next start after ``quick_deaths`` quick deaths in a row."""
+        return 0.0 if quick_deaths <= 1 else min(2.0 ** (quick_deaths - 2), self.max_delay)
+
+    def _start_again(self, child: Child) -> None:
+        try:
+            # (the new Child logs "started <name> (pid N)")
+            self.cluster.restart(child)
+        except OSError as exc:
+            # Not even started (its executable was removed...): as if it had died at once.
+            quick = self._quick_deaths[child.name] = self._quick_deaths.get(child.name, 0) + 1
+            delay = max(self._delay(quick), 1.0)
+            logger.error("cannot start %s again (%s); trying again in %g s", child.name, exc,
+                         delay)
+            self._due[child.name] = time.monotonic() + delay
+
+    def _watch_restart(self, child: Child, now: float) -> None:
+        if self.cluster.is_ready(child):
+            died = self._restarted.pop(child.name)
+            self._slow_noted.discard(child.name)
+            logger.info("%s (pid %d) is back, %.1f s after it died", child.name, child.pid,
+                        time.monotonic() - died)
+        elif (now - child.started_at > self.cluster.ready_timeout
+              and child.name not in self._slow_noted):
+            self._slow_noted.add(child.name)
+            logger.warning("%s (pid %d) is not ready %.0f s after its start; see %s",
+                           child.name, child.pid, now - child.started_at, child.log_path)
 
 
 def _bracket(host: str) -> str:

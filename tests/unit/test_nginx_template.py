@@ -19,6 +19,7 @@ from realtime.cluster import (
     render_nginx_config,
     render_template,
 )
+from realtime.config import Config
 
 NODES = {"n1": "127.0.0.1:5001", "n2": "127.0.0.1:5002", "n3": "127.0.0.1:5003"}
 
@@ -51,10 +52,47 @@ def test_one_upstream_per_node_and_one_for_new_sessions(config):
     everyone = block(config, "upstream realtime_all")
     assert "least_conn;" in everyone
     assert "ip_hash" not in everyone
-    assert re.findall(r"server (\S+);", everyone) == list(NODES.values())
+    assert [server.split()[0] for server in directives(everyone, "server")] \
+        == [*NODES.values(), *NODES.values()]
     for node_id, address in NODES.items():
-        assert re.findall(r"server (\S+);", block(config, f"upstream realtime_node_{node_id}")) \
+        assert directives(block(config, f"upstream realtime_node_{node_id}"), "server") \
             == [address]
+
+
+def test_failures_take_a_node_out_of_rotation_but_never_every_node(config):
+    everyone = block(config, "upstream realtime_all")
+    servers = directives(everyone, "server")
+    # a few failures in a short time take a node out for a short time...
+    assert servers[:3] == [f"{address} max_fails=3 fail_timeout=5s" for address in NODES.values()]
+    # ...and when every node is out, the same nodes as backups that are never taken out
+    assert servers[3:] == [f"{address} backup max_fails=0" for address in NODES.values()]
+
+
+def test_a_request_goes_to_another_node_only_after_an_error_a_timeout_or_a_refusal(config):
+    # (never non_idempotent: a POST that reached a node is not sent to a second one)
+    assert directives(location(config, "/"), "proxy_next_upstream") == ["error timeout"]
+    # a handshake refused by a node that drains goes on to another
+    assert directives(location(config, "/socket.io/"), "proxy_next_upstream") == [
+        "error timeout http_503"]
+
+
+def test_connections_to_the_nodes_are_kept_alive_and_let_go_before_the_nodes_do(config):
+    idle_timeout = Config().idle_timeout
+    upstreams = ["realtime_all", *(f"realtime_node_{node_id}" for node_id in NODES)]
+    for name in upstreams:
+        upstream = block(config, f"upstream {name}")
+        assert len(directives(upstream, "keepalive")) == 1
+        (timeout,) = directives(upstream, "keepalive_timeout")
+        assert int(timeout.removesuffix("s")) < idle_timeout
+    # No "Connection: close" to the nodes: a node closes such a connection after its answer
+    # without saying so, and nginx would put it back in the pool all the same.
+    upgrade_map = block(config, "map $http_upgrade $connection_upgrade")
+    assert directives(upgrade_map, "default") == ["upgrade"]
+    assert directives(upgrade_map, "''") == ["''"]
+    assert "close" not in re.sub(r"#.*", "", upgrade_map)
+    for path in ("/socket.io/", "/"):
+        assert directives(location(config, path), "proxy_http_version") == ["1.1"]
+    assert directives(location(config, "/"), "proxy_set_header")[0] == 'Connection ""'
 
 
 def test_the_sid_argument_picks_the_upstream(config):
