@@ -284,10 +284,11 @@ class RealtimeHandler(pywsgi.WSGIHandler):
         self._started = 0.0  # when the budget of the request being read started (monotonic)
         self._answered = False  # a request was served on this connection (keep-alive)
         self._received = False  # a byte of the request being read has arrived
-        # One timer of each kind per connection, restarted for each request (cheaper than new
-        # ones): the request's budget, and the wait for the next request of a keep-alive one.
-        self._request_timer = gevent.Timeout(server.header_timeout, _RequestTimeout)
-        self._idle_timer: gevent.Timeout | None = None
+        # The request's budget, running from the start of its read to its headers' end. A new
+        # timer per request: gevent (26.9, libev) keeps a restarted timer's first deadline when
+        # it is stopped and started again without the loop running in between, which closed
+        # busy keep-alive connections at their first idle_timeout.
+        self._request_timer: gevent.Timeout | None = None
 
     def MessageClass(self, rfile: Any, *args: Any) -> RequestHeaders:  # noqa: N802 - pywsgi's
         return RequestHeaders(rfile)
@@ -316,40 +317,41 @@ class RealtimeHandler(pywsgi.WSGIHandler):
         try:
             super().handle()
         finally:
+            self._stop_request_timer()
+
+    def _stop_request_timer(self) -> None:
+        if self._request_timer is not None:
             self._request_timer.close()
-            if self._idle_timer is not None:
-                self._idle_timer.close()
+            self._request_timer = None
 
     def handle_one_request(self) -> Any:
         """Read one request against the clock, then serve it (pywsgi's loop calls this)."""
-        server, rfile, request_timer = self.server, self.rfile, self._request_timer
+        server, rfile = self.server, self.rfile
         if rfile.closed:
             return None
         try:
             if self._answered:
                 # Keep-alive: the next request may take idle_timeout to start, then it has
                 # header_timeout from its first byte (which is often here already).
-                idle_timer = self._idle_timer
-                if idle_timer is None:
-                    idle_timer = self._idle_timer = gevent.Timeout(server.idle_timeout,
-                                                                   _IdleTimeout)
+                idle_timer = gevent.Timeout(server.idle_timeout, _IdleTimeout)
                 idle_timer.start()
                 try:
                     if not rfile.peek(1):
                         return None
                 finally:
-                    idle_timer.cancel()
+                    idle_timer.close()
                 self._received = True
             # A new connection's budget starts here, as its handler starts after the accept.
             self._started = time.monotonic()
-            request_timer.start()
+            self._request_timer = gevent.Timeout(server.header_timeout, _RequestTimeout)
+            self._request_timer.start()
             try:
                 if not self._received:
                     self._received = bool(rfile.peek(1))
                 # read_request stops the timer once the headers are in
                 result = super().handle_one_request()
             finally:
-                request_timer.cancel()
+                self._stop_request_timer()
         except _IdleTimeout:
             return None  # closed silently, as servers close idle keep-alive connections
         except _RequestTimeout:
@@ -379,7 +381,7 @@ class RealtimeHandler(pywsgi.WSGIHandler):
             return super().read_request(raw_requestline)
         finally:
             # The headers are in: the application is not timed (a long-poll waits in it).
-            self._request_timer.cancel()
+            self._stop_request_timer()
 
     def get_environ(self) -> dict:
         environ = super().get_environ()

@@ -164,6 +164,22 @@ def test_an_idle_keep_alive_connection_is_closed_silently_after_the_idle_timeout
     assert IDLE_TIMEOUT - 0.2 <= time.monotonic() - answered <= IDLE_TIMEOUT + LATE
 
 
+def test_a_keep_alive_connection_in_steady_use_outlives_the_idle_and_header_timeouts(timed_node):
+    """Each request restarts the idle clock: a connection asked something every 50 ms is
+    answered every time, on the same connection, long past the idle timeout (a reused gevent
+    timer once kept its first deadline and cut such connections at idle_timeout)."""
+    with RawHttp(timed_node.port) as http:
+        began = time.monotonic()
+        answers = 0
+        while time.monotonic() - began < 2 * IDLE_TIMEOUT + HEADER_TIMEOUT:
+            reply = http.request("GET", "/healthz", keep_alive=True)
+            assert reply.status == 200, reply
+            assert reply.headers.get("connection", "").lower() != "close", reply.headers
+            answers += 1
+            time.sleep(0.05)
+        assert answers >= 40
+
+
 def test_an_answer_after_which_the_node_closes_says_connection_close(timed_node):
     """A proxy that keeps connections alive (the shipped nginx) must never be left holding one
     the node closed without saying so: it would send its next request down a dead one."""
