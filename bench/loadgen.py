@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import multiprocessing
+import random
 import resource
 import time
 import traceback
@@ -27,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from .stats import bucket_of, new_histogram, sparse
 from .wsclient import TCP_CLOSE, TCP_CLOSE_WAIT, Recorder, SocketIOClient, connect, payload
 
 logger = logging.getLogger(__name__)
@@ -628,6 +630,198 @@ class Worker:
                 "elapsed_s": time.monotonic() - started,
                 "cycle_p50_ms": _quantile_ms(latencies, 0.5),
                 "cycle_p99_ms": _quantile_ms(latencies, 0.99)}
+
+    # -- soak --------------------------------------------------------------------------------
+
+    async def op_soak(self, command_id: int, *, urls: list[list[Any]], duration: float,
+                      start: int, concurrency: int, user: str, channels: dict[str, str],
+                      hold_max: float, abort_every: int = 4, leave_timeout: float = 10.0,
+                      timeout: float = 10.0) -> dict[str, Any]:
+        """Connect, subscribe, receive, disconnect, over and over; check every stream.
+
+        ``concurrency`` loops numbered from ``start``: loop n connects as ``user`` (``{i}`` is
+        n) to ``urls[n % len(urls)]``, subscribes to every channel of ``channels`` (kind ->
+        name template, ``{i}`` is n), stays subscribed a random 0..``hold_max`` s, reads each
+        channel's current offset (``history`` with limit 0), waits until it has received
+        everything up to it (at most ``leave_timeout`` s) and disconnects: cleanly, or with a
+        TCP reset every ``abort_every``-th cycle. New cycles start until ``duration`` s
+        have passed.
+
+        A cycle's window of a channel is (the offset its subscribe answered, the offset read
+        before leaving]: every publication in it was stored while the client was subscribed,
+        so every one must arrive, once and in order. Lost = the window's size - the distinct
+        offsets received in it. The offsets come from the ``message`` events (decoded on the
+        slow path: the hot-path counter knows publisher sequences, not channel offsets).
+        """
+        tallies = {kind: _SoakTally() for kind in channels}
+        errors: dict[str, int] = {}
+        lost_samples: list[dict[str, Any]] = []
+        counts = {"cycles": 0, "aborted": 0, "resets": 0, "other_events": 0}
+        setups: list[float] = []
+        numbers = itertools.count()
+        deadline = time.monotonic() + duration
+        reported = [0, time.monotonic()]
+
+        def on_event(streams: dict[str, _SoakStream], event: str, data: Any) -> None:
+            if event == "message" and isinstance(data, dict):
+                stream = streams.get(data.get("channel"))  # type: ignore[arg-type]
+                offset = data.get("offset")
+                if stream is None or not isinstance(offset, int):
+                    counts["other_events"] += 1
+                    return
+                stream.received(offset)
+                body = data.get("data")
+                if isinstance(body, dict) and isinstance(body.get("t"), int):
+                    tallies[stream.kind].latency((time.time_ns() - body["t"]) // 1000)
+            elif event == "reset":
+                counts["resets"] += 1
+            else:
+                counts["other_events"] += 1
+
+        async def ask_each(client: SocketIOClient, event: str, streams: dict[str, _SoakStream],
+                           extra: dict[str, Any]) -> list[dict[str, Any]]:
+            answers = await asyncio.wait_for(asyncio.gather(*(
+                client.emit(event, {"channel": name, **extra})  # type: ignore[arg-type]
+                for name in streams)), timeout)
+            for name, answer in zip(streams, answers, strict=True):
+                if not (isinstance(answer, dict) and answer.get("ok")):
+                    raise RuntimeError(f"{event} {name} refused: {answer}")
+            return answers
+
+        async def cycle(n: int, number: int) -> None:
+            host, port = urls[n % len(urls)]
+            streams = {name.format(i=n): _SoakStream(kind) for kind, name in channels.items()}
+            began = time.monotonic()
+            client = await connect(self.loop, host, port,
+                                   source=self.sources[number % len(self.sources)],
+                                   auth={"user": user.format(i=n)}, recorder=None,
+                                   timeout=timeout)
+            try:
+                client.on_event = functools.partial(on_event, streams)
+                for stream, answer in zip(streams.values(),
+                                          await ask_each(client, "subscribe", streams, {}),
+                                          strict=True):
+                    stream.epoch, stream.since = answer["epoch"], answer["offset"]
+                setups.append(time.monotonic() - began)
+                await asyncio.sleep(random.uniform(0, hold_max))
+                if client.closed.done():
+                    raise RuntimeError(f"closed while subscribed: {client.close_reason}")
+                marks = await ask_each(client, "history", streams, {"limit": 0})
+                waiting = []
+                for stream, mark in zip(streams.values(), marks, strict=True):
+                    stream.until_epoch, stream.until = mark["epoch"], mark["offset"]
+                    if max(stream.offsets, default=stream.since) < stream.until:
+                        stream.reached = self.loop.create_future()
+                        waiting.append(stream.reached)
+                if waiting:
+                    # What is still missing after this is lost: the accounting says so.
+                    await asyncio.wait(waiting, timeout=leave_timeout)
+            except BaseException:
+                client.abort()
+                raise
+            aborted = abort_every > 0 and number % abort_every == abort_every - 1
+            if aborted:
+                client.abort()
+            else:
+                client.close()
+                await asyncio.wait_for(asyncio.shield(client.closed), timeout)
+            counts["cycles"] += 1
+            counts["aborted"] += aborted
+            for name, stream in streams.items():
+                lost = tallies[stream.kind].account(stream)
+                if lost and len(lost_samples) < 20:
+                    inside = set(stream.offsets)
+                    lost_samples.append({
+                        "channel": name, "since": stream.since, "until": stream.until,
+                        "missing": [o for o in range(stream.since + 1, stream.until + 1)
+                                    if o not in inside][:10]})
+
+        async def loop_(n: int) -> None:
+            while time.monotonic() < deadline:
+                try:
+                    await cycle(n, next(numbers))
+                except Exception as exc:
+                    reason = f"{type(exc).__name__}: {exc}"[:200]
+                    errors[reason] = errors.get(reason, 0) + 1
+                    # A node that refuses must not be hammered by a loop that spins.
+                    await asyncio.sleep(0.1)
+                now = time.monotonic()
+                if now - reported[1] > PROGRESS_EVERY:
+                    self._progress(command_id, counts["cycles"] - reported[0])
+                    reported[0], reported[1] = counts["cycles"], now
+
+        started = time.monotonic()
+        await asyncio.gather(*(loop_(n) for n in range(start, start + concurrency)))
+        self._progress(command_id, counts["cycles"] - reported[0])
+        setups.sort()
+        return {**counts, "errors": sum(errors.values()), "error_samples": errors,
+                "lost_samples": lost_samples, "elapsed_s": time.monotonic() - started,
+                "setup_p50_ms": _quantile_ms(setups, 0.5),
+                "setup_p99_ms": _quantile_ms(setups, 0.99),
+                "streams": {kind: tally.report() for kind, tally in tallies.items()}}
+
+
+class _SoakStream:
+    """One channel of one soak cycle: its window of offsets and the offsets that arrived."""
+
+    __slots__ = ("kind", "epoch", "since", "until_epoch", "until", "offsets", "reached")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.epoch = self.until_epoch = ""
+        self.since = self.until = 0
+        self.offsets: list[int] = []
+        # Resolved when an offset >= until arrives (set once ``until`` is known).
+        self.reached: asyncio.Future[None] | None = None
+
+    def received(self, offset: int) -> None:
+        self.offsets.append(offset)
+        if self.reached is not None and offset >= self.until and not self.reached.done():
+            self.reached.set_result(None)
+
+
+class _SoakTally:
+    """What one worker's soak cycles saw on one kind of channel (shared, user)."""
+
+    def __init__(self) -> None:
+        self.windows = self.expected = self.received = self.lost = 0
+        self.duplicated = self.reordered = self.before_window = self.deliveries = 0
+        self.epoch_changes = 0
+        self.histogram = new_histogram()
+        self.max_us = 0
+
+    def latency(self, us: int) -> None:
+        self.histogram[bucket_of(us)] += 1
+        self.max_us = max(self.max_us, us)
+
+    def account(self, stream: _SoakStream) -> int:
+        """Add one finished cycle's stream; returns the publications it lost."""
+        offsets = stream.offsets
+        distinct = set(offsets)
+        self.deliveries += len(offsets)
+        self.duplicated += len(offsets) - len(distinct)
+        self.reordered += sum(1 for a, b in itertools.pairwise(offsets) if b < a)
+        self.before_window += sum(1 for o in distinct if o <= stream.since)
+        # Epoch "" at subscribe time: the channel had no stream yet, and the first publication
+        # creates it; any other change of epoch means the history broke (not a loss to count).
+        if stream.epoch and stream.until_epoch != stream.epoch:
+            self.epoch_changes += 1
+            return 0
+        window = max(0, stream.until - stream.since)
+        got = sum(1 for o in distinct if stream.since < o <= stream.until)
+        self.windows += 1
+        self.expected += window
+        self.received += got
+        self.lost += window - got
+        return window - got
+
+    def report(self) -> dict[str, Any]:
+        return {"windows": self.windows, "expected": self.expected, "received": self.received,
+                "lost": self.lost, "duplicated": self.duplicated, "reordered": self.reordered,
+                "before_window": self.before_window, "deliveries": self.deliveries,
+                "epoch_changes": self.epoch_changes, "histogram": sparse(self.histogram),
+                "max_us": self.max_us}
+
 
 
 async def _ack_summary(futures: list[asyncio.Future[Any]], timeout: float) -> dict[str, Any]:

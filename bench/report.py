@@ -48,9 +48,34 @@ def summarize(scenario: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any
             variants += [name for name in run if name not in variants]
         return {name: median_records([run[name] for run in good if name in run])
                 for name in variants}
+    if scenario == "soak":
+        return _summarize_soak(good)
     summary = median_records(good)
     if scenario == "idle":
         summary["memory_curve"] = good[len(good) // 2]["memory_curve"]
+    return summary
+
+
+# Soak counts where one bad run must show, whatever the median says.
+SOAK_WORST = ("shared_lost", "user_lost", "notify_errors", "notify_unacked", "before_window",
+              "epoch_changes", "resets", "rss_slope_mb_per_min", "rss_slope_max_node_mb_per_min")
+
+
+def _summarize_soak(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Medians of the soak runs, the worst of every failure count, and one run's curves."""
+    summary = median_records(runs)
+    for key in SOAK_WORST:
+        values = [run[key] for run in runs if isinstance(run.get(key), int | float)]
+        if values:
+            summary[key] = max(values)
+    summary["checks"] = {key: all(run["checks"][key] for run in runs)
+                         for key in runs[0]["checks"]}
+    summary["pass"] = all(run["pass"] for run in runs)
+    middle = runs[len(runs) // 2]
+    summary["per_node"] = middle["per_node"]
+    summary["samples"] = middle["samples"]
+    summary["error_samples"] = middle.get("error_samples", {})
+    summary["lost_samples"] = [s for run in runs for s in run.get("lost_samples", [])][:20]
     return summary
 
 
@@ -507,6 +532,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += _table(["target", "concurrent loops", "cycles/s", "errors", "cycle p50 ms",
                          "cycle p99 ms", "server CPU ms/cycle", "node RSS MB"], table)
 
+    lines += _soak_markdown(scenarios.get("soak", {}))
+
     browser = (scenarios.get("browser", {}).get("realtime") or {}).get("summary")
     if browser and "error" not in browser:
         lines += ["## Browser clients (realtime)", "",
@@ -538,6 +565,81 @@ def render_markdown(results: Mapping[str, Any]) -> str:
               "delays are left out. Server CPU: utime + stime of the node processes (/proc) over "
               "each step, divided by the deliveries the clients counted.", ""]
     return "\n".join(lines)
+
+
+def _soak_markdown(by_target: Mapping[str, Any]) -> list[str]:
+    """The soak section: what ran, what was lost, memory and descriptors, the checks."""
+    lines: list[str] = []
+    for target, data in by_target.items():
+        s = data.get("summary", {})
+        name = LABELS.get(target, target)
+        if "error" in s:
+            lines += [f"## Soak ({name})", "", f"**Failed:** {s['error']}", ""]
+            continue
+        lines += [f"## Soak ({name})", "",
+                  f"{_fmt(s['duration_s'], 0)} s of churn on {s['nodes']} node(s) with Redis: "
+                  f"{s['clients']} loops, each a client at a time that connects, subscribes to "
+                  f"a shared channel and to its own `user:<id>`, stays 0-{s['hold_max_s']:g} s, "
+                  f"checks it got every publication of its stay, and disconnects (every "
+                  f"{s['abort_every']}th with a TCP reset); {s['publish_rate']:g} publishes/s on "
+                  f"the shared channel, {s['notify_rate']:g} notifications/s to the user "
+                  "channels through the HTTP API. RSS slope: least squares over the samples "
+                  f"after a {_fmt(s['warmup_s'], 0)} s warm-up ({s['fit_samples']} samples).", ""]
+        rows = [
+            ("cycles (connect, two subscribes, receive, disconnect)",
+             f"{_fmt(s['cycles'])} ({_fmt(s['cycles_per_s'])}/s; "
+             f"{_fmt(s['aborted_cycles'])} ended by a TCP reset)"),
+            ("errors (cycles that failed; publish/notify errors)",
+             f"{_fmt(s['errors'])}; {_fmt(s['publish_errors'])}/{_fmt(s['notify_errors'])}"),
+            ("publications / notifications sent", f"{_fmt(s['published'])} / "
+             f"{_fmt(s['notifications'])}"),
+            ("shared channel: owed / received / lost",
+             f"{_fmt(s['shared_expected'])} / {_fmt(s['shared_received'])} / "
+             f"{_fmt(s['shared_lost'])}"),
+            ("user channels: owed / received / lost",
+             f"{_fmt(s['user_expected'])} / {_fmt(s['user_received'])} / "
+             f"{_fmt(s['user_lost'])}"),
+            ("duplicated / reordered / `reset` events", f"{_fmt(s['duplicated'])} / "
+             f"{_fmt(s['reordered'])} / {_fmt(s['resets'])}"),
+            ("connect + 2 subscribes p50 / p99 ms", f"{_fmt(s['setup_p50_ms'])} / "
+             f"{_fmt(s['setup_p99_ms'])}"),
+            ("delivery latency p50 / p99 ms, publish to the client decoding it (shared; user)",
+             f"{_fmt(s['shared_p50_ms'])} / {_fmt(s['shared_p99_ms'])}; "
+             f"{_fmt(s['user_p50_ms'])} / {_fmt(s['user_p99_ms'])}"),
+            ("node RSS MB: start → after warm-up → end → clients gone (all nodes)",
+             f"{s['rss_start_mb']} → {s['rss_warm_mb']} → {s['rss_end_mb']} → "
+             f"{s['rss_after_mb']}"),
+            ("node RSS slope after warm-up, MB/min (all nodes; worst node)",
+             f"{_fmt(s['rss_slope_mb_per_min'], 3)}; "
+             f"{_fmt(s['rss_slope_max_node_mb_per_min'], 3)} (flat: < "
+             f"{s['max_slope_mb_per_min']:g} per node)"),
+            ("the slope per cycle, bytes", _fmt(s["bytes_per_cycle"])),
+            ("node descriptors: start → peak → end (all nodes)",
+             f"{s['fds_start']} → {s['fds_peak']} → {s['fds_end']} "
+             f"({_fmt(s['fds_settle_s'], 1)} s after the churn)"),
+            ("Redis RSS MB: start → end", f"{s['redis_rss_start_mb']} → "
+             f"{s['redis_rss_end_mb']}"),
+            ("node CPU s (churn, publications, notifications); ms per cycle",
+             f"{_fmt(s['server_cpu_s'])}; {_fmt(s['cpu_ms_per_cycle'], 2)}"),
+        ]
+        lines += _table(["measure", "value"], rows)
+        lines += _table(["node", "RSS start MB", "after warm-up", "end", "clients gone",
+                         "slope MB/min", "fit RMS MB", "fds start", "peak", "end"],
+                        [[n["node"], n["rss_start_mb"], n["rss_warm_mb"], n["rss_end_mb"],
+                          n["rss_after_mb"], _fmt(n["rss_slope_mb_per_min"], 3),
+                          _fmt(n["fit_rms_mb"], 3), n["fds_start"], n["fds_peak"],
+                          n["fds_end"]] for n in s.get("per_node", [])])
+        checks = ", ".join(f"{k.replace('_', ' ')} {'✅' if v else '❌'}"
+                           for k, v in s["checks"].items())
+        lines += [f"Checks: {checks}.", ""]
+        if s.get("error_samples"):
+            lines += ["Errors: " + "; ".join(f"{n} x {reason}" for reason, n
+                                             in s["error_samples"].items()), ""]
+        if s.get("lost_samples"):
+            lines += ["Lost (first cycles): " + "; ".join(
+                f"{x['channel']} ({x['since']}, {x['until']}] missing {x['missing']}"
+                for x in s["lost_samples"][:5]), ""]
+    return lines
 
 
 # -- plots ------------------------------------------------------------------------------------
@@ -604,7 +706,39 @@ def write_plots(results: Mapping[str, Any], out: Path) -> list[Path]:
         axes.grid(True, alpha=0.3)
         axes.legend()
         written.append(_save(figure, out / "memory_vs_connections.png"))
+    for target, data in scenarios.get("soak", {}).items():
+        summary = data.get("summary", {})
+        if summary.get("samples"):
+            written.append(_plot_soak(plt, summary, out / f"soak_rss_{target}.png"))
     return written
+
+
+def _plot_soak(plt: Any, summary: Mapping[str, Any], path: Path) -> Path:
+    """Every node's RSS (with its fitted line) and descriptors over the soak."""
+    samples = [s for s in summary["samples"] if s["phase"] != "after"]
+    figure, (rss, fds) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1.3]})
+    minutes = [s["t"] / 60 for s in samples]
+    warmup, end = summary["warmup_s"] / 60, summary["duration_s"] / 60
+    for index, node in enumerate(summary["per_node"]):
+        line, = rss.plot(minutes, [s["rss_mb"][index] for s in samples], "-",
+                         label=f"node {node['node']}: {_fmt(node['rss_slope_mb_per_min'], 3)}"
+                               " MB/min after warm-up")
+        if node["rss_slope_mb_per_min"] is not None:
+            rss.plot([warmup, end], [node["fit_intercept_mb"]
+                                     + node["rss_slope_mb_per_min"] * x for x in (warmup, end)],
+                     ":", color=line.get_color())
+        fds.plot(minutes, [s["fds"][index] for s in samples], "-", color=line.get_color())
+    for axes in (rss, fds):
+        axes.axvline(warmup, color="grey", linestyle="--", linewidth=0.8)
+        axes.grid(True, alpha=0.3)
+    rss.set_ylabel("node RSS (MB)")
+    rss.set_title(f"Soak: {_fmt(summary['cycles'])} connect/subscribe/disconnect cycles, "
+                  f"{summary['clients']} at a time (dashed: end of warm-up; dotted: fit)")
+    rss.legend(loc="lower right")
+    fds.set_ylabel("descriptors")
+    fds.set_xlabel("minutes")
+    return _save(figure, path)
 
 
 def _save(figure: Any, path: Path) -> Path:

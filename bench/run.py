@@ -26,10 +26,11 @@ from typing import Any
 logger = logging.getLogger("bench.run")
 
 BENCH_DIR = Path(__file__).resolve().parent
-SCENARIOS = ("floor", "idle", "fanout", "notify", "cluster", "churn", "browser", "capacity")
+SCENARIOS = ("floor", "idle", "fanout", "notify", "cluster", "churn", "browser", "soak",
+             "capacity")
 DEFAULT_SCENARIOS = ("floor", "idle", "fanout", "notify", "cluster", "churn", "browser")
 # Scenarios that measure realtime against itself (no peer runs them).
-REALTIME_ONLY = ("browser",)
+REALTIME_ONLY = ("browser", "soak")
 DEFAULT_RATES = "10,30,60,120,240,480,960"
 
 DESCRIPTION = """\
@@ -42,7 +43,7 @@ skipped with a clear line when node/npm are missing). Each run of a scenario sta
 fresh on free loopback ports and stops it afterwards; targets are interleaved (A B A B ...) and
 medians over --runs are reported, with ratios realtime/peer.
 
-Scenarios (default: all but capacity):
+Scenarios (default: all but soak and capacity):
   floor     CPU per send() of a pre-encoded 150-byte WebSocket frame from a bare Python loop over
             --floor-sockets loopback sockets at 60 rounds/s, for 1, 2 and 4 frames per send: the
             floor that server CPU per delivery is compared with.
@@ -64,6 +65,16 @@ Scenarios (default: all but capacity):
             first, and socket.io-msgpack-parser against the default parser, each variant on a
             fresh node: connect time (--browser-concurrency at a time), KB per connection,
             server CPU per delivery at --browser-rate publishes/s for --browser-duration s.
+  soak      realtime only, not in the default set (it is long): for --soak-duration s,
+            --soak-clients loops connect, subscribe to a shared channel and to their own
+            user:<id>, receive for up to --soak-hold s, and disconnect (every 4th with a TCP
+            reset), while a publisher publishes on the shared channel at --soak-rate/s and
+            notifications go to the user channels through the HTTP API at --soak-notify-rate/s.
+            Every node's RSS and descriptors are sampled every --soak-sample s. Reports cycles,
+            errors, lost publications (every cycle checks it got every offset of its window on
+            each channel), RSS at start / after --soak-warmup / at the end and its slope (least
+            squares after the warm-up), descriptors before and after; checks "memory flat"
+            (every node's slope < --soak-max-slope MB/min) and "descriptors back".
   capacity  --capacity-one-node connections on one node, then --capacity-cluster over
             --capacity-nodes nodes (needs the fd hard limit and several source addresses, which
             the load generator uses: 127.10.<worker>.<n>).
@@ -78,6 +89,7 @@ examples:
   python bench/run.py floor fanout --targets realtime,node --runs 3
   python bench/run.py fanout --subscribers 5000 --rates 5,10,20,40 --duration 10
   python bench/run.py capacity --targets realtime  # 20,000 on one node, 60,000 on four
+  python bench/run.py soak --targets realtime   # node memory over 10 minutes of churn
 """
 
 
@@ -86,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bench/run.py", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"any of {', '.join(SCENARIOS)} (default: all but capacity)")
+                        help=f"any of {', '.join(SCENARIOS)} (default: all but soak and capacity)")
     parser.add_argument("--targets", default="realtime,flask,node",
                         help="comma-separated: realtime, flask, node (default: all; node is "
                              "skipped when node/npm are missing)")
@@ -134,6 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
                              "comma-separated (default: all four)")
     parser.add_argument("--churn-concurrency", type=_positive_int, default=50,
                         help="connect/disconnect loops per load generator worker (default: 50)")
+    parser.add_argument("--soak-duration", type=_positive_float, default=600.0,
+                        help="soak scenario: seconds of churn (default: 600)")
+    parser.add_argument("--soak-clients", type=_positive_int, default=100,
+                        help="soak scenario: concurrent connect/subscribe/disconnect loops "
+                             "(default: 100)")
+    parser.add_argument("--soak-rate", type=_positive_float, default=20.0,
+                        help="soak scenario: publishes/s on the shared channel (default: 20)")
+    parser.add_argument("--soak-notify-rate", type=_positive_float, default=100.0,
+                        help="soak scenario: notifications/s to the user channels through the "
+                             "HTTP API (default: 100)")
+    parser.add_argument("--soak-hold", type=_positive_float, default=2.0,
+                        help="soak scenario: a client stays subscribed a random 0..this many "
+                             "seconds (default: 2)")
+    parser.add_argument("--soak-warmup", type=_positive_float, default=200.0,
+                        help="soak scenario: seconds left out of the RSS slope (at most a third "
+                             "of the run; default: 200)")
+    parser.add_argument("--soak-sample", type=_positive_float, default=2.0,
+                        help="soak scenario: seconds between RSS/descriptor samples (default: 2)")
+    parser.add_argument("--soak-max-slope", type=_positive_float, default=1.0,
+                        help="soak scenario: MB/min of RSS growth per node after the warm-up "
+                             "below which memory counts as flat (default: 1)")
     parser.add_argument("--stalled", type=int, default=4,
                         help="clients that stop reading during the overload step (default: 4)")
     parser.add_argument("--no-overload", action="store_true",
@@ -155,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "DIR/results.json (medians and targets recomputed)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -303,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         browser_clients=args.browser_clients, browser_concurrency=args.browser_concurrency,
         browser_rate=args.browser_rate, browser_duration=args.browser_duration,
         browser_variants=[v.strip() for v in args.browser_variants.split(",") if v.strip()],
-        overload=not args.no_overload, memory_bound_mb=args.memory_bound_mb)
+        overload=not args.no_overload, memory_bound_mb=args.memory_bound_mb,
+        soak_duration=args.soak_duration, soak_clients=args.soak_clients,
+        soak_rate=args.soak_rate, soak_notify_rate=args.soak_notify_rate,
+        soak_hold=args.soak_hold, soak_warmup=args.soak_warmup, soak_sample=args.soak_sample,
+        soak_max_slope=args.soak_max_slope)
     if args.quick:
         _make_quick(settings, raw)
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in raw)
@@ -331,6 +378,12 @@ def _make_quick(settings: Any, argv: list[str]) -> None:
     unless("--browser-clients", "browser_clients", 20)
     unless("--browser-concurrency", "browser_concurrency", 10)
     unless("--browser-duration", "browser_duration", 1.0)
+    unless("--soak-duration", "soak_duration", 4.0)
+    unless("--soak-clients", "soak_clients", 10)
+    unless("--soak-notify-rate", "soak_notify_rate", 20.0)
+    unless("--soak-hold", "soak_hold", 0.5)
+    unless("--soak-warmup", "soak_warmup", 1.0)
+    unless("--soak-sample", "soak_sample", 0.25)
     settings.floor_duration = 0.5
     settings.idle_hold = 0.5
     settings.notify_connections = 2
@@ -467,6 +520,8 @@ def _run_scenario(bench: Any, name: str, target: str, workdir: Path,
             result = scenarios.notify(bench, deployment, floor)
         elif name == "churn":
             result = scenarios.churn(bench, deployment)
+        elif name == "soak":
+            result = scenarios.soak(bench, deployment)
         else:
             raise ValueError(f"unknown scenario {name!r}")
         crashed = deployment.crashed()

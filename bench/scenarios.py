@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -83,6 +84,14 @@ class Settings:
     overload: bool = True
     memory_bound_mb: float = 256.0
     drain_idle: float = 3.0
+    soak_duration: float = 600.0
+    soak_clients: int = 100
+    soak_rate: float = 20.0
+    soak_notify_rate: float = 100.0
+    soak_hold: float = 2.0
+    soak_warmup: float = 200.0
+    soak_sample: float = 2.0
+    soak_max_slope: float = 1.0
 
 
 class Bench:
@@ -639,6 +648,263 @@ def churn(bench: Bench, deployment: Deployment) -> dict[str, Any]:
     logger.info("%s: %s cycles/s, %d errors, %s ms CPU/cycle", label, result["cycles_per_s"],
                 result["errors"], result["cpu_ms_per_cycle"])
     return result
+
+
+# -- soak -----------------------------------------------------------------------------------------
+
+SOAK_CHANNEL = "bench.soak"
+SOAK_USER = "soak-{i}"
+SOAK_USER_CHANNEL = "user:soak-{i}"
+SOAK_PUBLISHER_GROUP = "soak-publisher"
+SOAK_PRIMING_GROUP = "soak-priming"
+# Every this-many-th cycle ends with a TCP reset instead of a clean close: a node must clean up
+# after clients that vanish as well as after those that say goodbye.
+SOAK_ABORT_EVERY = 4
+# How long a leaving client waits for the publications it is owed before counting them lost.
+SOAK_LEAVE_TIMEOUT = 10.0
+SOAK_NOTIFY_CONNECTIONS = 4
+# How long the nodes get to close the last clients' descriptors once the churn stops.
+SOAK_SETTLE = 15.0
+
+
+def open_descriptors(pid: int) -> int | None:
+    """How many file descriptors process ``pid`` holds (/proc/<pid>/fd); None once it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def least_squares(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
+    """(slope, intercept, RMS residual) of the least-squares line through the points."""
+    n = len(xs)
+    if n < 2:
+        return None
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    if not sxx:
+        return None
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
+    intercept = mean_y - slope * mean_x
+    rms = math.sqrt(sum((y - intercept - slope * x) ** 2
+                        for x, y in zip(xs, ys, strict=True)) / n)
+    return slope, intercept, rms
+
+
+def soak(bench: Bench, deployment: Deployment) -> dict[str, Any]:
+    """Connect/subscribe/receive/disconnect churn for ``soak_duration`` s; memory and fds.
+
+    ``soak_clients`` loops over the load generator's workers, each a client at a time that
+    connects as ``soak-<n>``, subscribes to the shared :data:`SOAK_CHANNEL` and to its own
+    ``user:soak-<n>``, stays a random 0..``soak_hold`` s, makes sure it got everything it is
+    owed and leaves (every :data:`SOAK_ABORT_EVERY`-th cycle with a TCP reset). Meanwhile one
+    connection publishes on the shared channel at ``soak_rate``/s, and notifications go to the
+    ``user:soak-<n>`` channels through the HTTP API at ``soak_notify_rate``/s (round robin
+    over the users, connected or not). Every node's RSS and descriptor count are sampled every
+    ``soak_sample`` s; the RSS slope is a least-squares fit over the samples after
+    ``soak_warmup`` s. Memory is flat when every node's slope is under ``soak_max_slope``
+    MB/min; descriptors are back when every node holds no more than before the soak once the
+    clients are gone.
+    """
+    settings = bench.settings
+    loadgen = bench.with_loadgen(0)
+    urls = deployment.node_addresses
+    pids = deployment.node_pids
+    label = f"soak {deployment.target}"
+    duration = settings.soak_duration
+    warmup = min(settings.soak_warmup, duration / 3)
+    clients = settings.soak_clients
+    workers = loadgen.subscriber_workers
+    slices = [(worker, start, count) for worker, (start, count)
+              in zip(workers, split(clients, len(workers)), strict=True) if count]
+    samples: list[dict[str, Any]] = []
+    cycles_done = [0]
+    began = time.monotonic()  # reset at the start sample: t counts from there
+
+    def sample(phase: str) -> dict[str, Any]:
+        taken = {"t": round(time.monotonic() - began, 2), "phase": phase,
+                 "cycles": cycles_done[0],
+                 "rss_mb": [round(procstat.rss_bytes(pid) / 2**20, 2) for pid in pids],
+                 "fds": [open_descriptors(pid) for pid in pids],
+                 "redis_rss_mb": round(procstat.total_rss(deployment.redis_pids) / 2**20, 2)}
+        samples.append(taken)
+        return taken
+
+    # A node opens some connections on first use (its presence connection to Redis): one
+    # client per node subscribes and leaves first, so that the baseline holds them.
+    loadgen.call(loadgen.publisher, "connect", group=SOAK_PRIMING_GROUP, urls=urls, start=0,
+                 count=len(urls), user=PUBLISHER_USER, channel=SOAK_CHANNEL, record=False,
+                 timeout=60)
+    close_group(bench, SOAK_PRIMING_GROUP, [loadgen.publisher])
+    time.sleep(0.5)
+    # Before the soak's clients and publisher connect: the descriptors to come back to.
+    began = time.monotonic()
+    start = sample("start")
+    loadgen.call(loadgen.publisher, "connect", group=SOAK_PUBLISHER_GROUP, urls=[urls[0]],
+                 start=0, count=1, user=PUBLISHER_USER, timeout=60)
+    cpu_before = CpuSnapshot.take(deployment, loadgen)
+    next_sample = [time.monotonic() + settings.soak_sample]
+
+    def tick() -> None:
+        now = time.monotonic()
+        if now >= next_sample[0]:
+            sample("load")
+            next_sample[0] = max(next_sample[0] + settings.soak_sample, now)
+
+    bar = bench.bar(None, f"{label}: {clients} clients churning for {duration:g} s", "cycle")
+
+    def progress(n: int) -> None:
+        cycles_done[0] += n
+        bar.update(n)
+
+    try:
+        loops = [loadgen.submit(worker, "soak", urls=urls, duration=duration, start=first,
+                                concurrency=count, user=SOAK_USER,
+                                channels={"shared": SOAK_CHANNEL, "user": SOAK_USER_CHANNEL},
+                                hold_max=settings.soak_hold, abort_every=SOAK_ABORT_EVERY,
+                                leave_timeout=SOAK_LEAVE_TIMEOUT)
+                 for worker, first, count in slices]
+        publishers = [
+            loadgen.submit(loadgen.publisher, "publish_ws", group=SOAK_PUBLISHER_GROUP,
+                           channel=SOAK_CHANNEL, rate=settings.soak_rate, duration=duration,
+                           pub_id=bench.next_pub_id(), size=settings.payload_size),
+            loadgen.submit(loadgen.publisher, "publish_http", urls=urls,
+                           channel=SOAK_USER_CHANNEL, users=clients,
+                           rate=settings.soak_notify_rate, duration=duration,
+                           pub_id=bench.next_pub_id(), size=settings.payload_size,
+                           connections=SOAK_NOTIFY_CONNECTIONS)]
+        results = loadgen.wait(loops, progress=progress, tick=tick,
+                               timeout=duration + settings.soak_hold + SOAK_LEAVE_TIMEOUT + 120)
+        shared, notified = loadgen.wait(publishers, tick=tick, timeout=120)
+        end = sample("end")
+    finally:
+        bar.close()
+        close_group(bench, SOAK_PUBLISHER_GROUP, [loadgen.publisher])
+    cpu = CpuSnapshot.take(deployment, loadgen).minus(cpu_before)
+    # The clients are gone: wait until every node has closed their descriptors (or give up).
+    settle_deadline = time.monotonic() + SOAK_SETTLE
+    while True:
+        after = sample("after")
+        back = all(now is not None and was is not None and now <= was
+                   for now, was in zip(after["fds"], start["fds"], strict=True))
+        if back or time.monotonic() > settle_deadline:
+            break
+        time.sleep(0.2)
+    settle_s = round(after["t"] - end["t"], 2)
+    # Only the last "after" sample is kept: the others are the settling loop's polls.
+    samples[:] = [s for s in samples if s["phase"] != "after"] + [after]
+
+    load = [s for s in samples if s["phase"] in ("start", "load", "end")]
+    warm = next((s for s in load if s["t"] >= warmup), load[-1])
+    fitted = [s for s in load if warmup <= s["t"] <= duration]
+    per_node = []
+    for index in range(len(pids)):
+        fit = least_squares([s["t"] / 60 for s in fitted], [s["rss_mb"][index] for s in fitted])
+        per_node.append({
+            "node": index + 1,
+            "rss_start_mb": start["rss_mb"][index], "rss_warm_mb": warm["rss_mb"][index],
+            "rss_end_mb": end["rss_mb"][index], "rss_after_mb": after["rss_mb"][index],
+            "rss_peak_mb": max(s["rss_mb"][index] for s in samples),
+            "rss_slope_mb_per_min": round(fit[0], 3) if fit else None,
+            "fit_intercept_mb": round(fit[1], 3) if fit else None,
+            "fit_rms_mb": round(fit[2], 3) if fit else None,
+            "fds_start": start["fds"][index], "fds_peak": max(
+                (s["fds"][index] or 0) for s in samples),
+            "fds_end": after["fds"][index]})
+    total_fit = least_squares([s["t"] / 60 for s in fitted],
+                              [sum(s["rss_mb"]) for s in fitted])
+    slopes = [n["rss_slope_mb_per_min"] for n in per_node]
+    cycles = sum(r["cycles"] for r in results)
+    fit_minutes = (fitted[-1]["t"] - fitted[0]["t"]) / 60 if len(fitted) > 1 else 0.0
+    fit_cycles = fitted[-1]["cycles"] - fitted[0]["cycles"] if len(fitted) > 1 else 0
+    errors: dict[str, int] = {}
+    for r in results:
+        for reason, n in r["error_samples"].items():
+            errors[reason] = errors.get(reason, 0) + n
+    streams = {kind: _sum_streams([r["streams"][kind] for r in results])
+               for kind in ("shared", "user")}
+    elapsed = max(r["elapsed_s"] for r in results)
+    crashed = deployment.crashed()
+    result: dict[str, Any] = {
+        "duration_s": duration, "warmup_s": warmup, "clients": clients, "nodes": len(pids),
+        "publish_rate": settings.soak_rate, "notify_rate": settings.soak_notify_rate,
+        "hold_max_s": settings.soak_hold, "abort_every": SOAK_ABORT_EVERY,
+        "cycles": cycles,
+        "cycles_per_s": round(cycles / elapsed, 1) if elapsed else None,
+        "aborted_cycles": sum(r["aborted"] for r in results),
+        "errors": sum(errors.values()),
+        "error_samples": dict(sorted(errors.items(), key=lambda item: -item[1])[:5]),
+        "setup_p50_ms": max((r["setup_p50_ms"] or 0) for r in results),
+        "setup_p99_ms": max((r["setup_p99_ms"] or 0) for r in results),
+        "published": shared["sent"], "publish_errors": shared["ack_errors"],
+        "publish_unacked": shared["unacked"],
+        "notifications": notified["sent"], "notify_errors": notified["ack_errors"],
+        "notify_unacked": notified["unacked"],
+        "publish_error_samples": {**shared["error_samples"], **notified["error_samples"]},
+        **{f"{kind}_{key}": stream[key] for kind, stream in streams.items()
+           for key in ("expected", "received", "lost", "deliveries")},
+        "lost": sum(s["lost"] for s in streams.values()),
+        "duplicated": sum(s["duplicated"] for s in streams.values()),
+        "reordered": sum(s["reordered"] for s in streams.values()),
+        "before_window": sum(s["before_window"] for s in streams.values()),
+        "epoch_changes": sum(s["epoch_changes"] for s in streams.values()),
+        "resets": sum(r["resets"] for r in results),
+        "other_events": sum(r["other_events"] for r in results),
+        "lost_samples": [s for r in results for s in r["lost_samples"]][:20],
+        "shared_p50_ms": streams["shared"]["p50_ms"], "shared_p99_ms": streams["shared"]["p99_ms"],
+        "shared_max_ms": streams["shared"]["max_ms"],
+        "user_p50_ms": streams["user"]["p50_ms"], "user_p99_ms": streams["user"]["p99_ms"],
+        "rss_start_mb": round(sum(start["rss_mb"]), 1),
+        "rss_warm_mb": round(sum(warm["rss_mb"]), 1),
+        "rss_end_mb": round(sum(end["rss_mb"]), 1),
+        "rss_after_mb": round(sum(after["rss_mb"]), 1),
+        "rss_growth_after_warmup_mb": round(sum(end["rss_mb"]) - sum(warm["rss_mb"]), 1),
+        "rss_slope_mb_per_min": round(total_fit[0], 3) if total_fit else None,
+        "rss_slope_max_node_mb_per_min": max((s for s in slopes if s is not None),
+                                             default=None),
+        # What the total slope would be per cycle if it all came from the churn.
+        "bytes_per_cycle": round(total_fit[0] * 2**20 * fit_minutes / fit_cycles)
+        if total_fit and fit_cycles else None,
+        "fit_samples": len(fitted),
+        "max_slope_mb_per_min": settings.soak_max_slope,
+        "fds_start": sum(start["fds"]), "fds_peak": sum(n["fds_peak"] for n in per_node),
+        "fds_end": sum(after["fds"]) if None not in after["fds"] else None,
+        "fds_settle_s": settle_s,
+        "redis_rss_start_mb": start["redis_rss_mb"], "redis_rss_end_mb": end["redis_rss_mb"],
+        "server_cpu_s": round(cpu["nodes"], 2),
+        "cpu_ms_per_cycle": round(cpu["nodes"] / cycles * 1000, 3) if cycles else None,
+        "redis_cpu_s": round(cpu["redis"], 2),
+        "crashed_nodes": len(crashed),
+        "per_node": per_node,
+        "samples": samples,
+    }
+    result["checks"] = {
+        "memory_flat": bool(slopes) and all(s is not None and s < settings.soak_max_slope
+                                            for s in slopes),
+        "descriptors_back": back,
+        "no_loss": result["lost"] == 0 and result["duplicated"] == 0
+        and result["reordered"] == 0,
+        "no_errors": result["errors"] == 0 and result["publish_errors"] == 0
+        and result["notify_errors"] == 0,
+        "no_crash": not crashed,
+    }
+    result["pass"] = all(result["checks"].values())
+    logger.info("%s: %d cycles (%s/s), %d errors, lost %d, RSS %s → %s → %s MB (slope %s MB/min"
+                " after %gs), fds %s → %s: %s", label, cycles, result["cycles_per_s"],
+                result["errors"], result["lost"], result["rss_start_mb"],
+                result["rss_warm_mb"], result["rss_end_mb"], result["rss_slope_mb_per_min"],
+                warmup, result["fds_start"], result["fds_end"], result["checks"])
+    return result
+
+
+def _sum_streams(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' soak tallies of one kind of channel, added up, with latency percentiles."""
+    total: dict[str, Any] = {key: sum(p[key] for p in parts) for key in (
+        "windows", "expected", "received", "lost", "duplicated", "reordered", "before_window",
+        "deliveries", "epoch_changes")}
+    total.update(latency_summary(merge_sparse(p["histogram"] for p in parts),
+                                 max((p["max_us"] for p in parts), default=None)))
+    return total
 
 
 def each_run(settings: Settings) -> Iterator[tuple[int, str]]:

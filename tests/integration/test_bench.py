@@ -5,6 +5,10 @@ clients on one node, a fanout of 20 subscribers at 20 publishes/s for 1.5 s thro
 cluster (redis-server, two nodes, nginx), and 20 official socket.io-client clients per browser
 variant. Every published message must reach every subscriber once, in order: a bench that
 counts nothing, or a server that drops a delivery, fails this test.
+
+``bench/run.py soak --quick --targets realtime``: a few seconds of connect/subscribe/receive/
+disconnect churn on two nodes with a publisher and HTTP notifications; every client must get
+every publication of its stay, and the report must carry the memory and descriptor figures.
 """
 
 from __future__ import annotations
@@ -93,3 +97,55 @@ def test_browser_clients_connect_on_every_variant_and_get_everything(quick_run):
         assert variant["cpu_us_per_delivery"] > 0 and variant["kb_per_connection"] is not None
     targets = {t["number"]: t for t in json.loads((out / "results.json").read_text())["targets"]}
     assert all(targets[n]["pass"] is not None for n in ("B1", "B2", "B3", "B4"))
+
+
+@pytest.fixture(scope="module")
+def quick_soak(tmp_path_factory):
+    out = tmp_path_factory.mktemp("soak")
+    completed = subprocess.run(
+        [sys.executable, "bench/run.py", "soak", "--quick", "--targets", "realtime",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=90, check=False)
+    return completed, out
+
+
+SOAK_FIELDS = {
+    "cycles", "cycles_per_s", "errors", "published", "notifications", "shared_expected",
+    "shared_received", "shared_lost", "user_expected", "user_received", "user_lost", "lost",
+    "duplicated", "reordered", "rss_start_mb", "rss_warm_mb", "rss_end_mb", "rss_after_mb",
+    "rss_slope_mb_per_min", "rss_slope_max_node_mb_per_min", "fds_start", "fds_end",
+    "per_node", "samples", "checks", "pass"}
+
+
+def test_the_quick_soak_loses_nothing_and_reports_memory_and_descriptors(quick_soak):
+    completed, out = quick_soak
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    soak = results["scenarios"]["soak"]
+    assert set(soak) == {"realtime"}, "soak is realtime-only"
+    run = soak["realtime"]["runs"][0]
+    assert "error" not in run, run
+    assert set(run) >= SOAK_FIELDS, SOAK_FIELDS - set(run)
+    assert run["cycles"] > 0 and run["errors"] == 0, run["error_samples"]
+    assert run["published"] > 0 and run["publish_errors"] == 0
+    assert run["notifications"] > 0 and run["notify_errors"] == 0
+    # Both kinds of channel were owed publications, and every one arrived, once, in order.
+    for kind in ("shared", "user"):
+        assert run[f"{kind}_expected"] > 0, kind
+        assert run[f"{kind}_received"] == run[f"{kind}_expected"], run["lost_samples"]
+        assert run[f"{kind}_lost"] == 0
+    assert run["lost"] == run["duplicated"] == run["reordered"] == 0
+    assert run["checks"]["no_loss"] and run["checks"]["descriptors_back"], run["checks"]
+    assert set(run["checks"]) >= {"memory_flat", "descriptors_back", "no_loss"}
+    # Memory and descriptors were sampled on every node, before, during and after the churn.
+    phases = [sample["phase"] for sample in run["samples"]]
+    assert phases[0] == "start" and phases[-2:] == ["end", "after"]
+    assert phases.count("load") >= 3
+    assert len(run["per_node"]) == run["nodes"] == 2
+    for sample in run["samples"]:
+        assert len(sample["rss_mb"]) == len(sample["fds"]) == 2
+        assert all(rss > 0 for rss in sample["rss_mb"]) and all(sample["fds"])
+    assert run["rss_slope_mb_per_min"] is not None and run["fds_end"] <= run["fds_start"]
+    assert max(s["fds"][0] for s in run["samples"]) > run["samples"][0]["fds"][0], \
+        "no client was ever connected to node 1"
+    assert "## Soak (realtime)" in (out / "results.md").read_text()
