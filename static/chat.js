@@ -372,9 +372,12 @@
 
   function leave() {
     // Disconnecting drops all subscriptions server-side, so no unsubscribe.
-    connection.close();
+    // An anonymous connection takes its place: the badge keeps telling
+    // whether the server is reachable. The name is kept, the room forgotten:
+    // a reload after leaving does not join again.
+    savePrefs(STORAGE_KEY, { name: connection.user || el.nameInput.value.trim() });
+    connection.open(null);
     setRoom(null);
-    status.setConnectionState('disconnected');
   }
 
   function onJoinSubmit(event) {
@@ -428,11 +431,19 @@
   renderPresence();
   updateEmptyState();
 
-  if (!requireSocketIo(status)) return;
-  // A returning user (or a shared ?room= link) goes straight into the room.
+  if (!requireSocketIo(status)) {
+    status.setConnectionState('offline');
+    return;
+  }
+  // The page connects as soon as it opens, so the badge (which starts at
+  // "Connecting…" in the HTML) tells the truth from the first second. A
+  // returning user (or a shared ?room= link) goes straight into the room;
+  // otherwise an anonymous connection waits until a name is given (join()
+  // then opens one under that name).
   if (el.nameInput.value && el.roomInput.value) {
     el.joinForm.requestSubmit();
   } else {
+    connection.open(null);
     (el.nameInput.value ? el.roomInput : el.nameInput).focus();
   }
 })();

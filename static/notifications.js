@@ -100,7 +100,7 @@
     el.user.textContent = '';
     el.connectButton.textContent = 'Show notifications';
     el.stopButton.hidden = true;
-    status.setConnectionState('disconnected');
+    status.setConnectionState('offline');
     render();
   }
 

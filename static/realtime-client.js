@@ -28,11 +28,14 @@
   // Failures that may go away by themselves; the others (bad_request,
   // forbidden, ...) would fail the same way again.
   const RETRYABLE = new Set(['timeout', 'disconnected', 'unavailable', 'rate_limited', 'internal']);
+  // The connection badge's states: `connecting` (never connected yet),
+  // `online`, `reconnecting` (lost, socket.io retries by itself) and `offline`
+  // (not connected and not trying: closed on purpose or refused).
   const BADGE_LABELS = {
     connecting: 'Connecting…',
-    connected: 'Connected',
+    online: 'Online',
     reconnecting: 'Reconnecting…',
-    disconnected: 'Disconnected',
+    offline: 'Offline',
   };
 
   // ---------------------------------------------------------------------------
@@ -133,10 +136,13 @@
       return Boolean(this.socket && this.socket.active);
     }
 
+    // `user` null: an anonymous connection (the server names it anon-<sid>),
+    // which shows whether the server is reachable before the user says who
+    // they are.
     open(user) {
       this.close();
       // forceNew: a new name needs a new handshake (auth is only sent then).
-      const socket = io({ auth: { user }, forceNew: true });
+      const socket = io({ auth: user === null ? {} : { user }, forceNew: true });
       this.socket = socket;
       this.user = user;
       this.everConnected = false;
@@ -146,13 +152,13 @@
       const mine = (fn) => (...args) => { if (socket === this.socket) fn(...args); };
 
       socket.on('connect', mine(() => {
-        setBadge('connected');
+        setBadge('online');
         this.everConnected = true;
         this.dispatch('connect');
       }));
 
       socket.on('disconnect', mine(() => {
-        setBadge(socket.active ? 'reconnecting' : 'disconnected');
+        setBadge(socket.active ? 'reconnecting' : 'offline');
         this.dispatch('disconnect');
       }));
 
@@ -161,7 +167,7 @@
           setBadge(this.everConnected ? 'reconnecting' : 'connecting');
         } else {
           // Refused by the server's middleware: no automatic retry.
-          setBadge('disconnected');
+          setBadge('offline');
           this.status.showError(`Connection refused: ${err && err.message ? err.message : 'unknown error'}`);
         }
       }));
