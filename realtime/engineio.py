@@ -219,6 +219,7 @@ class EngineServer:
         forgetting (which may wait on Redis) must not run. A long-polling session stays
         reachable until its client fetched the close packet, or one ping timeout at most.
         """
+        self.node.counters.disconnected(reason)
         if reason not in QUIET_REASONS:
             logger.info("closed %r: %s", session, reason)
         transport = session.transport

@@ -121,6 +121,11 @@ def create_api_blueprint(node: Node, config: Config) -> Blueprint:
     def info() -> Any:
         return {"nodes": [info.to_dict() for info in node.info()]}
 
+    @api.get("/api/stats")
+    def stats() -> Any:
+        # The admin page polls this every 2 s: figures of every live node, busiest channels.
+        return node.stats()
+
     return api
 
 
