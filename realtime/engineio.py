@@ -420,6 +420,7 @@ class EngineServer:
 
     def _error(self, start_response: StartResponse, status: str, message: str, environ: dict,
                *, close: bool = False, code: str = "bad_request") -> Iterable[bytes]:
+        self.node.counters.error(code)
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
         headers = self._cors_headers(environ) if self.origin_allowed(environ) else []
         if close:

@@ -146,6 +146,10 @@ class Metrics:
         """One round trip to Redis took ``seconds``."""
         self.broker_round_trip_seconds.observe(seconds)
 
+    def broker_reconnected(self) -> None:
+        """The broker's delivery reconnected to Redis after losing it."""
+        self.counters.broker_reconnects += 1
+
     def exposition(self) -> bytes:
         """Every metric in the Prometheus text format (:data:`CONTENT_TYPE`)."""
         return generate_latest(self.registry)

@@ -118,6 +118,7 @@ class Node:
 
     def start(self) -> None:
         """Start the broker and the background work (heartbeats, presence refresh)."""
+        self.broker.instrument(self.metrics)
         self.broker.start(self)
         self._running = True
         self._tasks.append(gevent.spawn(self._heartbeat_loop))
@@ -417,7 +418,10 @@ class Node:
     # -- BrokerEventHandler ------------------------------------------------------------------
 
     def on_publications(self, publications: list[Publication]) -> None:
+        # One observation per batch the broker hands over (never per recipient).
+        started = time.perf_counter()
         self.continuity.deliver(publications)
+        self.metrics.observe_fanout(time.perf_counter() - started)
 
     def on_delivery_resumed(self) -> None:
         self.continuity.resume()

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from .auth import Identity
     from .broker.base import Publication
     from .engineio import EngineServer
+    from .metrics import Counters
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,8 @@ class Session:
                                 f"second (bursts of {self.engine.events_burst})")
             if self.first_refusal(error.code):
                 logger.info("%r is over its event budget (%s)", self, str(event)[:50])
-            self._enqueue(("reply", NAMESPACE, ack_id, error_ack(error)))
+            self._enqueue(("reply", NAMESPACE, ack_id,
+                           error_ack(error, self.engine.node.counters)))
 
     def _refuse_unconnected(self, packet: Packet) -> None:
         """An event for a namespace the client is not connected to: answer it, never hang."""
@@ -309,7 +311,8 @@ class Session:
         if packet.ack_id is not None and packet.type in (PacketType.EVENT,
                                                          PacketType.BINARY_EVENT):
             error = BadRequest(f"not connected to namespace {packet.namespace[:50]!r}")
-            self._enqueue(("reply", packet.namespace, packet.ack_id, error_ack(error)))
+            self._enqueue(("reply", packet.namespace, packet.ack_id,
+                           error_ack(error, self.engine.node.counters)))
 
     def _on_attachment(self) -> None:
         self.attachments -= 1
@@ -317,7 +320,8 @@ class Session:
             # Publications are JSON: an event with binary attachments is answered like any
             # other bad argument, once its attachments are in (and in its turn).
             error = BadRequest("binary data is not supported: event arguments are JSON")
-            self._enqueue(("reply", NAMESPACE, self.attachment_ack_id, error_ack(error)))
+            self._enqueue(("reply", NAMESPACE, self.attachment_ack_id,
+                           error_ack(error, self.engine.node.counters)))
             self.attachment_ack_id = None
 
     # -- handling client events, one greenlet at a time per session -------------------------
@@ -373,6 +377,7 @@ class Session:
             try:
                 self.engine.protocol.connect(self, auth)
             except RealtimeError as exc:
+                self.engine.node.counters.error(exc.code)
                 # The official client shows `message` and passes `data` to connect_error.
                 self.write_socketio(Packet(PacketType.CONNECT_ERROR, NAMESPACE, {
                     "message": exc.code, "data": {"reason": exc.message}}))
@@ -514,7 +519,10 @@ def _is_publish(item: tuple) -> bool:
     return item[0] == "event" and item[1] == "publish"
 
 
-def error_ack(error: RealtimeError) -> dict[str, Any]:
-    """The ack of a refused event: ``{ok: false, error: {code, message}}``."""
+def error_ack(error: RealtimeError, counters: Counters | None = None) -> dict[str, Any]:
+    """The ack of a refused event: ``{ok: false, error: {code, message}}``, counted in
+    ``counters`` (the node's, for ``realtime_errors_total``) when given."""
+    if counters is not None:
+        counters.error(error.code)
     return {"ok": False, "error": error.to_dict()}
 
