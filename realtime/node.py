@@ -146,7 +146,9 @@ class Node:
             try:
                 self._leave(session, channel)
             except RealtimeError as exc:
-                logger.warning("cleanup of %s in %s failed: %s", session, channel, exc)
+                logger.warning("cleanup of %s in %s failed: %s", session, channel, exc,
+                               extra={"user": session.user, "channel": channel,
+                                      "code": exc.code})
 
     # -- subscriptions -----------------------------------------------------------------------
 

@@ -127,7 +127,8 @@ class ClientProtocol:
         if session.first_refusal(exc.code):
             logger.info("%s from %s refused: %s %s (further %s refusals of this session are "
                         "not logged)", str(event)[:50], session, exc.code, exc.message,
-                        exc.code)
+                        exc.code, extra={"sid": session.sid, "user": session.user or None,
+                                         "code": exc.code})
         return error_ack(exc, self.node.counters)
 
     def _subscribe(self, session: Session, payload: dict) -> Ack:

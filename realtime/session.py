@@ -50,6 +50,7 @@ from .codecs import (
 )
 from .errors import BadRequest, RateLimited, RealtimeError, Unauthorized
 from .frames import TRANSPORT_ENCODERS, EngineIOPacket, OutboundFrame, engineio_message, wire_form
+from .logs import CONNECTIONS_LOGGER
 from .transports.base import Transport
 from .transports.framing import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_NORMAL
 from .transports.polling import PollingTransport, decode_payload
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from .metrics import Counters
 
 logger = logging.getLogger(__name__)
+connections_logger = logging.getLogger(CONNECTIONS_LOGGER)
 
 # Client events waiting for their session's handler greenlet; past this the transport stops
 # reading until the backlog halves (TCP, or the client's one-POST-at-a-time, pushes back).
@@ -382,10 +384,17 @@ class Session:
                 self.write_socketio(Packet(PacketType.CONNECT_ERROR, NAMESPACE, {
                     "message": exc.code, "data": {"reason": exc.message}}))
                 if not isinstance(exc, Unauthorized):
-                    logger.info("connect of %r refused: %s", self, exc.message)
+                    logger.info("connect of %r refused: %s", self, exc.message,
+                                extra={"sid": self.sid, "code": exc.code})
                 return
             self.request = self.request.after_connect()
             self.opened_at = 0.0  # only the connect timeout needed it: a shared constant now
+            if self.engine.log_connections:
+                connections_logger.info(
+                    "connected %s (user %r) over %s from %s", self.sid, self.user,
+                    self.transport_name, self.request.peer,
+                    extra={"sid": self.sid, "user": self.user,
+                           "transport": self.transport_name, "peer": self.request.peer})
         self.write_socketio(Packet(PacketType.CONNECT, NAMESPACE, {"sid": self.client_id}))
 
     def _handle_publishes(self, first: tuple) -> None:
