@@ -82,7 +82,7 @@ def create_app(config: Config | None = None) -> Realtime:
     node = Node(config, create_broker(config), create_presence_store(config))
     engine = EngineServer(config, ClientProtocol(node))
     app.register_blueprint(create_api_blueprint(node, config))
-    register_error_handlers(app)
+    register_error_handlers(app, node.counters)
     _register_pages(app, node, Path(config.static_dir))
     return Realtime(app, engine, node, config)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from .config import ENV_PREFIX, LOG_LEVELS, Config, ConfigError
+from .config import ENV_PREFIX, LOG_FORMATS, LOG_LEVELS, Config, ConfigError
+from .logs import configure_logging
 
 if TYPE_CHECKING:
     from .cluster import LocalCluster
@@ -117,6 +118,11 @@ def _add_cluster_parser(commands: argparse._SubParsersAction) -> None:
                               "removed on exit)")
     cluster.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                          help="logging level of this command (default: info)")
+    cluster.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                         help="every node's log format (their --log-format; default: text)")
+    cluster.add_argument("--log-connections", action="store_true",
+                         help="every node logs connection lifecycle events (their "
+                              "--log-connections)")
     add_config_flags(cluster, sections=("auth",))
     cluster.add_argument("node_args", nargs="*", metavar="-- NODE_FLAGS",
                          help="flags for every node's `run.py serve`")
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = config_overrides(args)
         try:
             config = Config.load(overrides, config_file=args.config)
-            configure_logging(config.log_level)
+            configure_logging(config.log_level, config.log_format, config.node_id)
             from .server import serve as serve_node
 
             serve_node(config)
@@ -197,7 +203,8 @@ def run_cluster(args: argparse.Namespace) -> int:
                 for signum in (signal.SIGINT, signal.SIGTERM)}
     node_flags, node_env = node_auth_settings(args)
     cluster = LocalCluster(workdir=workdir, nodes=args.nodes, port=args.port,
-                           redis_url=args.redis, node_args=[*node_flags, *args.node_args],
+                           redis_url=args.redis,
+                           node_args=[*node_flags, *node_log_flags(args), *args.node_args],
                            node_env=node_env, host=args.host,
                            redis_appendonly=args.redis_appendonly)
     try:
@@ -247,6 +254,15 @@ def node_auth_settings(args: argparse.Namespace) -> tuple[list[str], dict[str, s
     return flags, env
 
 
+def node_log_flags(args: argparse.Namespace) -> list[str]:
+    """The log flags given to ``run.py cluster`` (``--log-format``, ``--log-connections``),
+    as every node's ``run.py serve`` takes them."""
+    flags = ["--log-format", args.log_format] if args.log_format else []
+    if args.log_connections:
+        flags.append("--log-connections")
+    return flags
+
+
 def _print_cluster(cluster: LocalCluster, removed_on_exit: bool) -> None:
     pids = cluster.pids
     rows = [("chat page", cluster.url + "/", f"nginx pid {pids['nginx']}")]
@@ -264,10 +280,3 @@ def _print_cluster(cluster: LocalCluster, removed_on_exit: bool) -> None:
                  "started again; Ctrl-C or SIGTERM stops everything.")
     print("\n".join(lines), flush=True)
 
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )

@@ -27,6 +27,7 @@ NODE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.@-]{1,100}")
 FRAME_OVERHEAD = 16 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("auth", "limits")
 MIN_HMAC_SECRET = 32
@@ -135,6 +136,11 @@ class Config:
                                   "networks of proxies whose X-Forwarded-For is believed")
     static_dir: str = _field(str(REPO_ROOT / "static"), help="folder with the browser pages")
     log_level: str = _field("info", help="logging level")
+    log_format: str = _field("text", help="log lines as plain text, or json: one JSON object "
+                                          "per line (time, level, logger, node, message, and "
+                                          "the event's sid, user, channel, reason, code)")
+    log_connections: bool = _field(False, help="log one info line per connection lifecycle "
+                                               "event (connected, upgraded, disconnected)")
 
     jwt_secret: str = _field("", section="auth", secret=True,
                              help="HS256 secret that connection tokens are signed with")
@@ -201,6 +207,8 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         keys = [name for name in ("jwt_secret", "jwt_public_key", "jwt_jwks_url")
                 if getattr(self, name)]
         if len(keys) > 1:

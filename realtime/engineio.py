@@ -34,6 +34,7 @@ import gevent.event
 
 from .codecs import PacketError, dumps
 from .config import Config
+from .logs import CONNECTIONS_LOGGER
 from .session import RequestContext, Session, parse_query
 from .transports.framing import (
     CLOSE_GOING_AWAY,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from .protocol import ClientProtocol
 
 logger = logging.getLogger(__name__)
+connections_logger = logging.getLogger(CONNECTIONS_LOGGER)
 
 PATH = "/socket.io"
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -125,6 +127,9 @@ class EngineServer:
         self.allowed_origins = config.cors_allowed_origins
         self.allowed_hosts = config.allowed_host_names
         self.trusted_proxies = config.trusted_proxy_networks
+        # One info line per connect, upgrade and disconnect (--log-connections); never per
+        # message.
+        self.log_connections = config.log_connections
         self._open_fields = {"pingInterval": int(self.ping_interval * 1000),
                              "pingTimeout": int(self.ping_timeout * 1000),
                              "maxPayload": self.max_payload}
@@ -211,6 +216,10 @@ class EngineServer:
     def on_upgraded(self, session: Session) -> None:
         """``session`` moved from long-polling onto its WebSocket."""
         self._upgrades.pop(session.transport, None)  # type: ignore[call-overload]
+        if self.log_connections:
+            connections_logger.info("upgraded %s to websocket", session.sid,
+                                    extra={"sid": session.sid, "user": session.user,
+                                           "transport": "websocket"})
 
     def on_closed(self, session: Session, reason: str) -> None:
         """``session`` closed: forget it here now, and in the node from a greenlet of its own.
@@ -219,8 +228,16 @@ class EngineServer:
         forgetting (which may wait on Redis) must not run. A long-polling session stays
         reachable until its client fetched the close packet, or one ping timeout at most.
         """
-        if reason not in QUIET_REASONS:
-            logger.info("closed %r: %s", session, reason)
+        label = self.node.counters.disconnected(reason)
+        if self.log_connections and session.client_id:
+            # The lifecycle line replaces the one below: one line per disconnect.
+            connections_logger.info("disconnected %s (user %r): %s", session.sid, session.user,
+                                    reason, extra={"sid": session.sid, "user": session.user,
+                                                   "reason": label})
+        elif reason not in QUIET_REASONS:
+            logger.info("closed %r: %s", session, reason,
+                        extra={"sid": session.sid, "user": session.user or None,
+                               "reason": label})
         transport = session.transport
         if isinstance(transport, PollingTransport) and not transport.finished:
             self.schedule(session, time.monotonic() + self.ping_timeout)
@@ -419,6 +436,7 @@ class EngineServer:
 
     def _error(self, start_response: StartResponse, status: str, message: str, environ: dict,
                *, close: bool = False, code: str = "bad_request") -> Iterable[bytes]:
+        self.node.counters.error(code)
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
         headers = self._cors_headers(environ) if self.origin_allowed(environ) else []
         if close:

@@ -2,6 +2,8 @@
 
 Errors answer ``{error: {code, message}}`` with the status of the error's class.
 
+``GET /metrics`` (Prometheus, see :mod:`realtime.metrics`) answers under the same rule.
+
 Who may call it: with API keys configured (``--api-key``), whoever sends one of them as
 ``Authorization: apikey <KEY>``, from anywhere; without any, loopback clients only. "Loopback"
 is the real client: behind a trusted proxy (``--trusted-proxies``, loopback by default, which
@@ -31,6 +33,8 @@ from .errors import (
     TooLarge,
     Unauthorized,
 )
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Counters
 from .node import Node
 from .payloads import check_idempotency_key
 from .protocol import parse_limit
@@ -39,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 _HTTP_CODES = {400: BadRequest, 403: Forbidden, 404: NotFound, 413: TooLarge}
 API_PREFIX = "/api/"
+METRICS_PATH = "/metrics"
 AUTH_SCHEME = "apikey"
 
 
@@ -53,7 +58,7 @@ def create_api_blueprint(node: Node, config: Config) -> Blueprint:
     # learns which routes exist without a key.
     @api.before_app_request
     def authorise() -> None:
-        if not request.path.startswith(API_PREFIX):
+        if not _guarded(request.path):
             return
         if key_digests:
             _check_api_key(request.headers.get("Authorization"), key_digests)
@@ -67,7 +72,7 @@ def create_api_blueprint(node: Node, config: Config) -> Blueprint:
     @api.after_app_request
     def challenge(response: Response) -> Response:
         # RFC 9110: a 401 names the scheme that would be accepted.
-        if response.status_code == 401 and request.path.startswith(API_PREFIX):
+        if response.status_code == 401 and _guarded(request.path):
             response.headers["WWW-Authenticate"] = AUTH_SCHEME
         return response
 
@@ -121,14 +126,27 @@ def create_api_blueprint(node: Node, config: Config) -> Blueprint:
     def info() -> Any:
         return {"nodes": [info.to_dict() for info in node.info()]}
 
+    @api.get(METRICS_PATH)
+    def metrics() -> Response:
+        return Response(node.metrics.exposition(), mimetype=None,
+                        content_type=METRICS_CONTENT_TYPE)
+
+    @api.get("/api/stats")
+    def stats() -> Any:
+        # The admin page polls this every 2 s: figures of every live node, busiest channels.
+        return node.stats()
+
     return api
 
 
-def register_error_handlers(app: Flask) -> None:
-    """Answer every error with the protocol's ``{error: {code, message}}`` JSON body."""
+def register_error_handlers(app: Flask, counters: Counters | None = None) -> None:
+    """Answer every error with the protocol's ``{error: {code, message}}`` JSON body,
+    counted by code in ``counters`` (the node's, for ``realtime_errors_total``) when given."""
+    count = counters.error if counters is not None else lambda code: None
 
     @app.errorhandler(RealtimeError)
     def realtime_error(exc: RealtimeError) -> tuple[Response, int]:
+        count(exc.code)
         # Unavailable (an outage) is the broker's to log, once; a line per request would
         # bury it. Other server errors are worth a line each.
         if exc.http_status >= 500 and not exc.temporary:
@@ -139,12 +157,19 @@ def register_error_handlers(app: Flask) -> None:
     def http_error(exc: HTTPException) -> tuple[Response, int]:
         status = exc.code or 500
         error_class = _HTTP_CODES.get(status, InternalError if status >= 500 else BadRequest)
+        count(error_class.code)
         return jsonify(error={"code": error_class.code, "message": exc.description}), status
 
     @app.errorhandler(Exception)
     def unexpected_error(exc: Exception) -> tuple[Response, int]:
         logger.exception("%s %s failed", request.method, request.path)
+        count(InternalError.code)
         return jsonify(error=InternalError().to_dict()), 500
+
+
+def _guarded(path: str) -> bool:
+    """Whether ``path`` answers only callers with an API key (or loopback ones)."""
+    return path.startswith(API_PREFIX) or path == METRICS_PATH
 
 
 def _json_body() -> dict:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .broker.base import Publication, StreamPosition
 from .frames import EncodedEvent, EventBatch, OutboundFrame
+from .metrics import Counters
 
 if TYPE_CHECKING:
     from .auth import Identity
@@ -57,7 +58,9 @@ class Subscribed(enum.Enum):
 class Hub:
     """The connected sessions of this node, their subscriptions, and the fan-out to them."""
 
-    def __init__(self) -> None:
+    def __init__(self, counters: Counters | None = None) -> None:
+        # The node's counters: the fan-out adds its deliveries, once per batch.
+        self.counters = counters or Counters()
         self._sessions: dict[str, Subscriber] = {}
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._by_user: dict[str, set[Subscriber]] = {}
@@ -94,6 +97,10 @@ class Hub:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    def sessions(self) -> list[Subscriber]:
+        """The connected sessions of this node (a copy)."""
+        return list(self._sessions.values())
+
     @property
     def subscription_count(self) -> int:
         """Client subscriptions on this node (one per session and channel)."""
@@ -102,6 +109,15 @@ class Hub:
     def channels(self) -> list[str]:
         """Channels with at least one local subscriber."""
         return list(self._subscribers)
+
+    @property
+    def channel_count(self) -> int:
+        """Channels with at least one local subscriber."""
+        return len(self._subscribers)
+
+    def subscriber_counts(self) -> dict[str, int]:
+        """Local subscribers of every channel that has some."""
+        return {channel: len(subscribers) for channel, subscribers in self._subscribers.items()}
 
     def has_subscribers(self, channel: str) -> bool:
         return channel in self._subscribers
@@ -175,8 +191,10 @@ class Hub:
         """Send publications to every local subscriber of their channels, each encoded once.
 
         Publications of one channel that arrived together leave in one write per WebSocket
-        subscriber.
+        subscriber. Adds ``len(batch) * recipients`` to the delivery counter once per channel,
+        outside the per-recipient loop.
         """
+        counters = self.counters
         if len(publications) == 1:
             by_channel = {publications[0].channel: publications}
         else:
@@ -189,6 +207,7 @@ class Hub:
                 continue
             events = [EncodedEvent("message", p.to_event()) for p in batch]
             frame = events[0] if len(events) == 1 else EventBatch(events)
+            counters.deliveries += len(events) * len(subscribers)
             for session in subscribers:
                 pending = session.pending
                 if pending and channel in pending:

@@ -33,6 +33,7 @@ from .control import ControlMessageError, decode_control, encode_control
 from .errors import Forbidden, RealtimeError
 from .faults import FaultLog
 from .hub import Hub, Subscribed, Subscriber
+from .metrics import Metrics, merge_stats
 from .payloads import check_publication_data
 from .presence.base import PresenceMember, PresenceStore
 
@@ -95,13 +96,17 @@ class Node:
         self.presence_store = presence
         presence.on_expired = self._on_presence_expired
         self.hub = Hub()
+        # What the node counts (metrics.Counters, bumped by the core) and shows (/metrics).
+        self.metrics = Metrics(self.hub)
+        self.counters = self.metrics.counters
         self.continuity = Continuity(self.hub, self._history_since)
         self.channels = ChannelPolicy(config)
         # The node's defaults; a channel's namespace may change them (history_options_for).
         self.history_options = HistoryOptions(size=config.history_size, ttl=config.history_ttl)
         self._history_options: dict[tuple[int, float], HistoryOptions] = {}
         self._started_at = time.monotonic()
-        self._peers: dict[str, tuple[float, NodeInfo]] = {}
+        # node id -> (monotonic time heard from, its info, its stats snapshot or None)
+        self._peers: dict[str, tuple[float, NodeInfo, dict[str, Any] | None]] = {}
         self._surveys: dict[str, _Survey] = {}
         self._tasks: list[gevent.Greenlet] = []
         self._running = False
@@ -113,6 +118,7 @@ class Node:
 
     def start(self) -> None:
         """Start the broker and the background work (heartbeats, presence refresh)."""
+        self.broker.instrument(self.metrics)
         self.broker.start(self)
         self._running = True
         self._tasks.append(gevent.spawn(self._heartbeat_loop))
@@ -140,7 +146,9 @@ class Node:
             try:
                 self._leave(session, channel)
             except RealtimeError as exc:
-                logger.warning("cleanup of %s in %s failed: %s", session, channel, exc)
+                logger.warning("cleanup of %s in %s failed: %s", session, channel, exc,
+                               extra={"user": session.user, "channel": channel,
+                                      "code": exc.code})
 
     # -- subscriptions -----------------------------------------------------------------------
 
@@ -253,10 +261,13 @@ class Node:
                                                 ([], []))
             accepted.append(request)
             slots.append(index)
+        made = 0
         for options, (accepted, slots) in groups.items():
             published = self.broker.publish_many(accepted, history=options)
             for index, result in zip(slots, published, strict=True):
                 results[index] = result
+                made += not isinstance(result, RealtimeError)
+        self.counters.publications += made
         return results  # type: ignore[return-value]  # every slot is filled by now
 
     def broadcast(self, channels: list[str], data: Any, *,
@@ -331,10 +342,22 @@ class Node:
         """This node and every node heard from recently, sorted by node id."""
         infos = {self.node_id: self.local_info()}
         now = time.monotonic()
-        for node_id, (seen_at, info) in self._peers.items():
+        for node_id, (seen_at, info, _) in self._peers.items():
             if now - seen_at < NODE_EXPIRY and node_id != self.node_id:
                 infos[node_id] = info
         return [infos[node_id] for node_id in sorted(infos)]
+
+    def stats(self) -> dict[str, Any]:
+        """The ``/api/stats`` answer: this node's figures taken now, every node heard from
+        recently with the figures of its last heartbeat (one every :data:`HEARTBEAT_INTERVAL`
+        at most), and the busiest channels summed over them (see
+        :func:`realtime.metrics.merge_stats`)."""
+        snapshots = {self.node_id: self.metrics.snapshot()}
+        now = time.monotonic()
+        for node_id, (seen_at, _, snapshot) in self._peers.items():
+            if now - seen_at < NODE_EXPIRY and node_id != self.node_id and snapshot is not None:
+                snapshots[node_id] = snapshot
+        return merge_stats(snapshots)
 
     def local_info(self) -> NodeInfo:
         return NodeInfo(self.node_id, self.hub.session_count, self.hub.subscription_count,
@@ -342,7 +365,7 @@ class Node:
 
     def _live_peers(self) -> list[str]:
         now = time.monotonic()
-        return [node_id for node_id, (seen_at, _) in self._peers.items()
+        return [node_id for node_id, (seen_at, _, _) in self._peers.items()
                 if now - seen_at < NODE_EXPIRY]
 
     def _disconnect_local(self, user: str) -> int:
@@ -364,7 +387,9 @@ class Node:
         beat = 0
         while self._running:
             try:
-                self._send_control("node", info=dataclasses.astuple(self.local_info()))
+                # One message per beat carries both the info and the stats of this node.
+                self._send_control("node", info=dataclasses.astuple(self.local_info()),
+                                   stats=self.metrics.snapshot())
                 rules = self.channels.rules
                 self.presence_store.refresh([
                     entry for entry in self.hub.presence_entries(beat % slices, slices)
@@ -395,7 +420,10 @@ class Node:
     # -- BrokerEventHandler ------------------------------------------------------------------
 
     def on_publications(self, publications: list[Publication]) -> None:
+        # One observation per batch the broker hands over (never per recipient).
+        started = time.perf_counter()
         self.continuity.deliver(publications)
+        self.metrics.observe_fanout(time.perf_counter() - started)
 
     def on_delivery_resumed(self) -> None:
         self.continuity.resume()
@@ -411,7 +439,9 @@ class Node:
             message = decode_control(payload)
             kind, sender = message["t"], message["node"]
             if kind == "node":
-                self._peers[sender] = (time.monotonic(), NodeInfo(*message["info"]))
+                stats = message.get("stats")  # nodes of older versions send none
+                self._peers[sender] = (time.monotonic(), NodeInfo(*message["info"]),
+                                       stats if isinstance(stats, dict) else None)
             elif kind == "disconnect":
                 count = self._disconnect_local(message["user"])
                 if message.get("req") is not None:  # emitters do not wait for answers

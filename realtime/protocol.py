@@ -84,7 +84,7 @@ class ClientProtocol:
             return self.refused(event, session, exc)
         except Exception:
             logger.exception("%s from %s failed", str(event)[:50], session)
-            return error_ack(InternalError())
+            return error_ack(InternalError(), self.node.counters)
 
     def handle_publishes(self, session: Session, events_args: list[tuple | list],
                          ) -> list[Ack]:
@@ -127,8 +127,9 @@ class ClientProtocol:
         if session.first_refusal(exc.code):
             logger.info("%s from %s refused: %s %s (further %s refusals of this session are "
                         "not logged)", str(event)[:50], session, exc.code, exc.message,
-                        exc.code)
-        return error_ack(exc)
+                        exc.code, extra={"sid": session.sid, "user": session.user or None,
+                                         "code": exc.code})
+        return error_ack(exc, self.node.counters)
 
     def _subscribe(self, session: Session, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))

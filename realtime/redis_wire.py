@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -111,11 +111,14 @@ class CommandPipe:
         self._connection: _PipeConnection | None = None
         self._closed = False
         self._last_failure = (-RECONNECT_INTERVAL, "")  # (monotonic time, message)
+        # Told the seconds of every answered round trip (the node's metrics), when set.
+        self.on_round_trip: Callable[[float], None] | None = None
 
     def call(self, *args: Any) -> Any:
         connection = self._connection
         if connection is None or connection.broken:
             connection = self._connect()
+        started = time.perf_counter()
         reply = connection.submit(pack_command(args))
         try:
             value = reply.get(timeout=self._timeout)
@@ -123,6 +126,8 @@ class CommandPipe:
             connection.fail(redis.TimeoutError(
                 f"redis did not answer within {self._timeout:g}s"))
             raise redis.TimeoutError(f"redis did not answer within {self._timeout:g}s") from None
+        if self.on_round_trip is not None:
+            self.on_round_trip(time.perf_counter() - started)
         if isinstance(value, hiredis.ReplyError):
             raise redis.ResponseError(str(value))
         return value
@@ -138,6 +143,7 @@ class CommandPipe:
         connection = self._connection
         if connection is None or connection.broken:
             connection = self._connect()
+        started = time.perf_counter()
         replies = connection.submit_many([pack_command(tuple(args)) for args in commands])
         values = []
         deadline = Timeout.start_new(self._timeout)
@@ -154,6 +160,8 @@ class CommandPipe:
             raise error from None
         finally:
             deadline.close()
+        if self.on_round_trip is not None:  # one round trip for the whole pipeline
+            self.on_round_trip(time.perf_counter() - started)
         return values
 
     def run_script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:

@@ -50,6 +50,7 @@ from .codecs import (
 )
 from .errors import BadRequest, RateLimited, RealtimeError, Unauthorized
 from .frames import TRANSPORT_ENCODERS, EngineIOPacket, OutboundFrame, engineio_message, wire_form
+from .logs import CONNECTIONS_LOGGER
 from .transports.base import Transport
 from .transports.framing import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_NORMAL
 from .transports.polling import PollingTransport, decode_payload
@@ -58,8 +59,10 @@ if TYPE_CHECKING:
     from .auth import Identity
     from .broker.base import Publication
     from .engineio import EngineServer
+    from .metrics import Counters
 
 logger = logging.getLogger(__name__)
+connections_logger = logging.getLogger(CONNECTIONS_LOGGER)
 
 # Client events waiting for their session's handler greenlet; past this the transport stops
 # reading until the backlog halves (TCP, or the client's one-POST-at-a-time, pushes back).
@@ -300,7 +303,8 @@ class Session:
                                 f"second (bursts of {self.engine.events_burst})")
             if self.first_refusal(error.code):
                 logger.info("%r is over its event budget (%s)", self, str(event)[:50])
-            self._enqueue(("reply", NAMESPACE, ack_id, error_ack(error)))
+            self._enqueue(("reply", NAMESPACE, ack_id,
+                           error_ack(error, self.engine.node.counters)))
 
     def _refuse_unconnected(self, packet: Packet) -> None:
         """An event for a namespace the client is not connected to: answer it, never hang."""
@@ -309,7 +313,8 @@ class Session:
         if packet.ack_id is not None and packet.type in (PacketType.EVENT,
                                                          PacketType.BINARY_EVENT):
             error = BadRequest(f"not connected to namespace {packet.namespace[:50]!r}")
-            self._enqueue(("reply", packet.namespace, packet.ack_id, error_ack(error)))
+            self._enqueue(("reply", packet.namespace, packet.ack_id,
+                           error_ack(error, self.engine.node.counters)))
 
     def _on_attachment(self) -> None:
         self.attachments -= 1
@@ -317,7 +322,8 @@ class Session:
             # Publications are JSON: an event with binary attachments is answered like any
             # other bad argument, once its attachments are in (and in its turn).
             error = BadRequest("binary data is not supported: event arguments are JSON")
-            self._enqueue(("reply", NAMESPACE, self.attachment_ack_id, error_ack(error)))
+            self._enqueue(("reply", NAMESPACE, self.attachment_ack_id,
+                           error_ack(error, self.engine.node.counters)))
             self.attachment_ack_id = None
 
     # -- handling client events, one greenlet at a time per session -------------------------
@@ -373,14 +379,22 @@ class Session:
             try:
                 self.engine.protocol.connect(self, auth)
             except RealtimeError as exc:
+                self.engine.node.counters.error(exc.code)
                 # The official client shows `message` and passes `data` to connect_error.
                 self.write_socketio(Packet(PacketType.CONNECT_ERROR, NAMESPACE, {
                     "message": exc.code, "data": {"reason": exc.message}}))
                 if not isinstance(exc, Unauthorized):
-                    logger.info("connect of %r refused: %s", self, exc.message)
+                    logger.info("connect of %r refused: %s", self, exc.message,
+                                extra={"sid": self.sid, "code": exc.code})
                 return
             self.request = self.request.after_connect()
             self.opened_at = 0.0  # only the connect timeout needed it: a shared constant now
+            if self.engine.log_connections:
+                connections_logger.info(
+                    "connected %s (user %r) over %s from %s", self.sid, self.user,
+                    self.transport_name, self.request.peer,
+                    extra={"sid": self.sid, "user": self.user,
+                           "transport": self.transport_name, "peer": self.request.peer})
         self.write_socketio(Packet(PacketType.CONNECT, NAMESPACE, {"sid": self.client_id}))
 
     def _handle_publishes(self, first: tuple) -> None:
@@ -514,7 +528,10 @@ def _is_publish(item: tuple) -> bool:
     return item[0] == "event" and item[1] == "publish"
 
 
-def error_ack(error: RealtimeError) -> dict[str, Any]:
-    """The ack of a refused event: ``{ok: false, error: {code, message}}``."""
+def error_ack(error: RealtimeError, counters: Counters | None = None) -> dict[str, Any]:
+    """The ack of a refused event: ``{ok: false, error: {code, message}}``, counted in
+    ``counters`` (the node's, for ``realtime_errors_total``) when given."""
+    if counters is not None:
+        counters.error(error.code)
     return {"ok": False, "error": error.to_dict()}
 

@@ -124,6 +124,18 @@ class BrokerEventHandler(Protocol):
     def on_control(self, payload: bytes) -> None: ...
 
 
+class BrokerMetrics(Protocol):
+    """What a broker reports to the node's metrics (:class:`realtime.metrics.Metrics`)."""
+
+    def observe_round_trip(self, seconds: float) -> None:
+        """One round trip to the backing store took ``seconds``."""
+        ...
+
+    def broker_reconnected(self) -> None:
+        """Delivery reconnected to the backing store after losing it."""
+        ...
+
+
 class Broker(abc.ABC):
     """Fan-out, history and control messages shared by every node of a deployment.
 
@@ -162,6 +174,10 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Stop delivering and release connections. Idempotent."""
+
+    def instrument(self, metrics: BrokerMetrics) -> None:  # noqa: B027 - optional hook
+        """Report round trips and reconnections to ``metrics`` from now on (brokers with
+        no backing store have none to report: the default does nothing)."""
 
     @abc.abstractmethod
     def publish(self, channel: str, data: Any, *, user: str | None, history: HistoryOptions,

@@ -28,6 +28,7 @@ from .base import (
     DEFAULT_IDEMPOTENCY_TTL,
     Broker,
     BrokerEventHandler,
+    BrokerMetrics,
     HistoryOptions,
     HistoryResult,
     Publication,
@@ -91,6 +92,7 @@ class RedisBroker(Broker):
         # True from a reconnection until Redis confirmed its subscriptions
         self._resuming = False
         self._ever_connected = False
+        self._metrics: BrokerMetrics | None = None
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -101,6 +103,10 @@ class RedisBroker(Broker):
         # A node starts without Redis too (the reader logs the outage and keeps trying); it
         # is not ready (is_healthy) until connected.
         self._connected.wait(self._timeout)
+
+    def instrument(self, metrics: BrokerMetrics) -> None:
+        self._metrics = metrics
+        self._pipe.on_round_trip = metrics.observe_round_trip
 
     def close(self) -> None:
         self._running = False
@@ -262,6 +268,8 @@ class RedisBroker(Broker):
         self._outage.recovered()
         if self._resuming:
             self._resuming = False
+            if self._metrics is not None:
+                self._metrics.broker_reconnected()
             self._handler.on_delivery_resumed()
 
     def _dispatch_channel_message(self, redis_channel: bytes, blob: bytes,

@@ -45,6 +45,10 @@ class Transport(Protocol):
 
     def write(self, wire: Any) -> int: ...
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes written that the client has not taken yet (read by the metrics)."""
+
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...

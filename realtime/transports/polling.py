@@ -111,6 +111,10 @@ class PollingTransport:
         return f"<PollingTransport queued={self.queued}>"
 
     @property
+    def buffered_bytes(self) -> int:
+        return self.queued
+
+    @property
     def finished(self) -> bool:
         """Closed, and everything it had to say (the close packet included) was taken."""
         return self.closed and not self.queue

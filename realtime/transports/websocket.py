@@ -81,6 +81,10 @@ class WebSocketTransport:
     def start(self) -> None:
         self.reader.start(self._on_readable)
 
+    @property
+    def buffered_bytes(self) -> int:
+        return self.outsize
+
     # -- writing (the hot path) --------------------------------------------------------------
 
     def write(self, wire: bytes) -> int:
