@@ -424,7 +424,7 @@
       ctx.moveTo(pad.left, gy);
       ctx.lineTo(width - pad.right, gy);
       ctx.stroke();
-      ctx.fillText(isRate ? formatRate(v) : formatCount(v), pad.left - 6, gy);
+      ctx.fillText(formatTick(v), pad.left - 6, gy);
     }
     ctx.textBaseline = 'alphabetic';
     ctx.textAlign = 'left';
@@ -463,6 +463,11 @@
     const magnitude = 10 ** Math.floor(Math.log10(value));
     for (const step of [1, 2, 4, 6, 8, 10]) if (step * magnitude >= value) return step * magnitude;
     return 10 * magnitude;
+  }
+
+  // Grid-line labels: quarters of a nice ceiling, so at most two decimals.
+  function formatTick(v) {
+    return Number.isInteger(v) ? v.toLocaleString() : String(Number(v.toFixed(2)));
   }
 
   function formatCount(n) {

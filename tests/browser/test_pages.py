@@ -97,16 +97,26 @@ def test_two_chat_pages_on_different_nodes_chat_both_ways_and_see_each_other_onl
                                             "hi alice, from " + bob.node])
 
 
-def test_admin_page_shows_the_three_nodes_of_the_cluster(
+def test_admin_page_shows_the_three_nodes_of_the_cluster_and_a_busy_channel(
         cluster: LocalCluster, open_page: OpenPage) -> None:
+    room = unique("watched-")
+    chat = open_page(cluster.url + "/index.html", name="chat")
+    join_chat(chat, "erin", room)
+
     admin = open_page(cluster.url + "/admin.html", name="admin")
-    rows = admin.page.locator("#nodes-table tbody tr")
+    page = admin.page
+    rows = page.locator("#nodes-table tbody tr")
     # Without API keys the API answers loopback clients: no sign-in asked for.
     expect(rows).to_have_count(3)
     assert [rows.nth(i).get_attribute("data-node") for i in range(3)] == ["n1", "n2", "n3"]
-    expect(admin.page.locator("#total-nodes")).to_have_text("3")
-    expect(admin.page.locator("#login-form")).to_be_hidden()
-    expect(admin.page.locator("#admin-status")).to_have_text("Live")
+    expect(page.locator("#total-nodes")).to_have_text("3")
+    expect(page.locator("#login-form")).to_be_hidden()
+    expect(page.locator("#admin-status")).to_have_text("Live")
+    expect(page.locator("#stats-notice")).to_be_hidden()  # /api/stats answered, not /api/info
+    # erin's subscription, counted by the node that holds her session and listed cluster-wide.
+    expect(page.locator("#channels-list .bar-row", has_text=f"chat:{room}")).to_contain_text("1")
+    expect(page.locator(f'#nodes-table tr[data-node="{chat.node}"] td[data-label="connections"]')
+           ).not_to_have_text("0")
 
 
 def test_chat_page_whose_node_is_killed_shows_reconnecting_then_the_messages_it_missed(
