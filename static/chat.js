@@ -329,6 +329,7 @@
   // Shows `room` (null: none) from scratch; the caller subscribes.
   function setRoom(room) {
     state.room = room;
+    document.body.classList.toggle('in-room', Boolean(room)); // compacts the form on phones
     if (room) stream.open(CHANNEL_PREFIX + room);
     else stream.close();
     state.presence = new Map();

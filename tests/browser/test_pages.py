@@ -189,6 +189,14 @@ def test_chat_page_on_a_phone_connects_at_once_and_keeps_name_and_room_across_a_
     for selector in ("#message-input", "#send-button", "#join-button"):
         box = page.locator(selector).bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
+    # In a room the conversation fits one screen: the composer is in view without scrolling,
+    # however many messages there are (they scroll inside their own box).
+    for i in range(30):
+        say(page, f"filler {i}")
+    expect(bubbles(page)).to_have_count(31)
+    page.evaluate("window.scrollTo(0, 0)")
+    box = page.locator("#message-input").bounding_box()
+    assert box and box["y"] + box["height"] <= PHONE["height"], box
 
 
 def _no_horizontal_scroll(page: Page) -> bool:
