@@ -199,6 +199,19 @@ def test_chat_page_on_a_phone_connects_at_once_and_keeps_name_and_room_across_a_
     assert box and box["y"] + box["height"] <= PHONE["height"], box
 
 
+def test_chat_page_badge_says_connecting_until_the_first_connection_then_online(
+        cluster: LocalCluster, open_page: OpenPage) -> None:
+    chat = open_page("about:blank", name="first-second")
+    held = "**/socket.io/**"
+    chat.context.route(held, lambda route: route.abort())  # the server is out of reach
+    chat.page.goto(cluster.url + "/index.html")
+    badge = chat.page.locator("#conn-badge")
+    expect(badge).to_have_attribute("data-state", "connecting")
+    expect(badge).to_have_text("Connecting…")
+    chat.context.unroute(held)
+    expect(badge).to_have_text("Online")
+
+
 def _no_horizontal_scroll(page: Page) -> bool:
     return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
@@ -234,6 +247,16 @@ def test_admin_page_turns_counters_into_rates_and_reads_a_counter_going_down_as_
         ["transport close", "ping timeout"])
     expect(page.locator('#nodes-table tr[data-node="n1"] td[data-label="uptime"]')).to_have_text(
         "1h 01m")
+
+    page.unroute("**/api/stats")
+    page.route("**/api/stats", lambda route: route.abort())  # the API out of reach
+    page.clock.run_for(2000)
+    expect(page.locator("#admin-status")).to_have_text("Unreachable")
+    expect(page.locator("#nodes-table tbody tr")).to_have_count(1)  # the last figures stay
+    page.unroute("**/api/stats")
+    page.route("**/api/stats", serve)
+    page.clock.run_for(2000)
+    expect(page.locator("#admin-status")).to_have_text("Live")
 
 
 def _stats(time: float, *, publications: int, deliveries: int) -> dict:
