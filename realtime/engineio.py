@@ -486,6 +486,7 @@ class EngineServer:
             if problem is not None:
                 refusal = problem if isinstance(problem, HandshakeError) else \
                     HandshakeError(problem)
+                self.node.counters.error(refusal.code)
                 body = json.dumps({"error": {"code": refusal.code, "message": str(refusal)}})
                 handler.socket.sendall(
                     b"HTTP/1.1 %s\r\nContent-Type: application/json\r\n"

@@ -8,8 +8,9 @@ local subscriber, whatever its transport. Nothing here blocks or switches greenl
 from __future__ import annotations
 
 import enum
+import heapq
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, ValuesView
 from typing import TYPE_CHECKING, Protocol
 
 from .broker.base import Publication, StreamPosition
@@ -97,9 +98,10 @@ class Hub:
     def session_count(self) -> int:
         return len(self._sessions)
 
-    def sessions(self) -> list[Subscriber]:
-        """The connected sessions of this node (a copy)."""
-        return list(self._sessions.values())
+    def sessions(self) -> ValuesView[Subscriber]:
+        """The connected sessions of this node: a live view, to be read without switching
+        greenlets (the metrics count them when scraped; copying them would cost more)."""
+        return self._sessions.values()
 
     @property
     def subscription_count(self) -> int:
@@ -115,9 +117,12 @@ class Hub:
         """Channels with at least one local subscriber."""
         return len(self._subscribers)
 
-    def subscriber_counts(self) -> dict[str, int]:
-        """Local subscribers of every channel that has some."""
-        return {channel: len(subscribers) for channel, subscribers in self._subscribers.items()}
+    def busiest_channels(self, limit: int) -> list[tuple[str, int]]:
+        """The ``limit`` channels with the most local subscribers and their counts, busiest
+        first. One pass over the channels, no copy of them."""
+        busiest = heapq.nlargest(limit, self._subscribers.items(),
+                                 key=lambda item: (len(item[1]), item[0]))
+        return [(channel, len(subscribers)) for channel, subscribers in busiest]
 
     def has_subscribers(self, channel: str) -> bool:
         return channel in self._subscribers

@@ -116,12 +116,6 @@ def buffered_bytes(sessions: Iterable[Any]) -> int:
     return total
 
 
-def top_channels(hub: Hub, limit: int = TOP_CHANNELS) -> list[tuple[str, int]]:
-    """The ``limit`` channels with the most local subscribers, busiest first."""
-    counts = hub.subscriber_counts()
-    return heapq.nlargest(limit, counts.items(), key=lambda item: (item[1], item[0]))
-
-
 class Metrics:
     """A node's counters, histograms and the Prometheus registry that exposes them."""
 
@@ -175,7 +169,7 @@ class Metrics:
             "deliveries": counters.deliveries,
             "disconnects": dict(counters.disconnects),
             "updated": round(time.time(), 3),
-            "top": [list(item) for item in top_channels(hub)],
+            "top": [list(item) for item in hub.busiest_channels(TOP_CHANNELS)],
         }
 
 

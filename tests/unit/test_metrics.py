@@ -138,3 +138,14 @@ def test_a_heartbeat_carries_the_stats_of_its_node(node):
     other.on_control(sent[0])
     assert [entry["node"] for entry in other.stats()["nodes"]] == ["n1", "n2"]
     assert other.stats()["channels"] == [{"channel": "room", "subscribers": 1}]
+
+
+def test_a_node_reports_only_its_busiest_channels(node, monkeypatch):
+    for count, channel in ((3, "big"), (2, "middle"), (1, "small")):
+        for index in range(count):
+            subscribed(node, f"{channel}{index}", channel)
+    assert node.hub.busiest_channels(2) == [("big", 3), ("middle", 2)]
+    monkeypatch.setattr("realtime.metrics.TOP_CHANNELS", 2)
+    assert node.metrics.snapshot()["top"] == [["big", 3], ["middle", 2]]
+    assert node.stats()["channels"] == [{"channel": "big", "subscribers": 3},
+                                        {"channel": "middle", "subscribers": 2}]
