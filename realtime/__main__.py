@@ -14,7 +14,7 @@ from realtime.cli import main  # noqa: E402
 
 def run() -> int:
     """The ``realtime`` console script: ``realtime serve ...``, ``realtime cluster ...``."""
-    return main()
+    return main(prog="realtime")
 
 
 if __name__ == "__main__":
