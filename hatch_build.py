@@ -3,7 +3,7 @@ into the wheel, where the installed package finds them, and refuses to build wit
 
 The sources stay where the checkout has them (``static/``, ``nginx/``); in the wheel they become
 ``realtime/static/`` (with the bundle at the same relative path as in the checkout, so that the
-node serves it the same way) and ``realtime_dev/nginx/realtime.conf.template``. Of
+node serves it the same way) and ``realtime_dev/templates/realtime.conf.template``. Of
 ``static/node_modules`` only the bundle goes in: the rest is npm's, needed by nobody at run time.
 """
 
@@ -44,7 +44,7 @@ class StaticFilesHook(BuildHookInterface):
             force_include[str(page)] = f"realtime/static/{page.relative_to(static).as_posix()}"
         force_include[str(bundle)] = f"realtime/static/{CLIENT_BUNDLE}"
         force_include[str(root / "nginx" / "realtime.conf.template")] = \
-            "realtime_dev/nginx/realtime.conf.template"
+            "realtime_dev/templates/realtime.conf.template"
 
 
 def _hidden_or_npm(relative: Path) -> bool:

@@ -1,7 +1,7 @@
 """The nginx configuration in front of realtime nodes, rendered from its template.
 
 The template is ``nginx/realtime.conf.template`` of the source tree (``nginx/README.md``
-documents it), shipped in the wheel as ``realtime_dev/nginx/realtime.conf.template``: sessions
+documents it), shipped in the wheel as ``realtime_dev/templates/realtime.conf.template``: sessions
 stick to their node through the node id at the start of every Engine.IO session id.
 """
 
@@ -19,7 +19,7 @@ from realtime.config import NODE_ID_RE
 
 def _template_path() -> Path:
     """The template shipped in this package, else the source checkout's ``nginx/`` copy."""
-    packaged = Path(__file__).resolve().parent / "nginx" / "realtime.conf.template"
+    packaged = Path(__file__).resolve().parent / "templates" / "realtime.conf.template"
     if packaged.is_file():
         return packaged
     return Path(__file__).resolve().parent.parent / "nginx" / "realtime.conf.template"

@@ -110,7 +110,7 @@ def test_the_wheel_carries_the_pages_the_client_bundle_and_no_other_npm_file(whe
     assert [n for n in names if "node_modules" in n] == [
         f"realtime/static/{CLIENT_BUNDLE.as_posix()}"]
     assert not [n for n in names if n.endswith(("package.json", "package-lock.json"))]
-    assert "realtime_dev/nginx/realtime.conf.template" in names
+    assert "realtime_dev/templates/realtime.conf.template" in names
     assert {"realtime/__main__.py", "realtime_dev/cluster.py", "realtime_dev/processes.py"} <= names
 
 
