@@ -5,14 +5,14 @@ Every target speaks the same client protocol as far as the bench uses it: Socket
 ``{ok: true, ...}``, server event ``message {channel, data, user}``, ``POST /api/publish
 {channel, data}`` and ``GET /readyz``.
 
-- ``realtime``: :class:`realtime.cluster.LocalCluster` (it always runs nginx too).
+- ``realtime``: :class:`realtime_dev.cluster.LocalCluster` (it always runs nginx too).
 - ``flask``: ``bench/peers/flask_socketio_peer.py``, a plain Flask-SocketIO app as its docs
   recommend (gevent, gevent-websocket, ``message_queue`` on Redis).
 - ``node``: ``bench/peers/node/server.js``, socket.io 4.8 with ``@socket.io/redis-adapter``,
   installed from npm by :func:`ensure_node_peer` when ``node`` and ``npm`` are present.
 
-Every process is started in a session of its own and stopped by pid (``realtime.cluster``'s
-:class:`~realtime.cluster.Child`).
+Every process is started in a session of its own and stopped by pid
+(:class:`realtime_dev.processes.Child`).
 """
 
 from __future__ import annotations
@@ -24,35 +24,31 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from realtime.cluster import (
+from realtime_dev.cluster import LocalCluster
+from realtime_dev.nginx import nginx_command, render_nginx_config
+from realtime_dev.processes import (
     Child,
-    ClusterError,
-    LocalCluster,
+    ProcessError,
     find_executable,
     free_port,
-    nginx_command,
+    http_ok,
     redis_pings,
-    render_nginx_config,
     stop_children,
+    wait_for,
 )
 
 logger = logging.getLogger(__name__)
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
 FLASK_PEER = BENCH_DIR / "peers" / "flask_socketio_peer.py"
 NODE_PEER_DIR = BENCH_DIR / "peers" / "node"
 TARGET_NAMES = ("realtime", "flask", "node")
 LABELS = {"realtime": "realtime", "flask": "Flask-SocketIO", "node": "Node socket.io"}
 READY_TIMEOUT = 60.0
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclasses.dataclass
@@ -127,29 +123,33 @@ def ensure_node_peer() -> str | None:
     return None
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with _NO_PROXY.open(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _wait_ready(children: list[Child], urls: list[str], what: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    pending = list(urls)
-    while pending:
+def _wait_ready(children: list[Child], ready: Callable[[], bool], what: str) -> None:
+    """Wait until ``ready()``; ProcessError with the log tails if a child exits or time is up."""
+    def check() -> bool:
         for child in children:
             if not child.alive():
-                raise ClusterError(f"{child.name} exited with status {child.returncode} while "
+                raise ProcessError(f"{child.name} exited with status {child.returncode} while "
                                    f"waiting for {what}\n{child.log_tail()}")
-        pending = [url for url in pending if not _http_ok(url)]
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            tails = "\n".join(child.log_tail() for child in children)
-            raise ClusterError(f"timed out waiting for {what}\n{tails}")
-        time.sleep(0.05)
+        return ready()
+
+    try:
+        wait_for(check, READY_TIMEOUT, what)
+    except ProcessError as exc:
+        if "timed out" not in str(exc):
+            raise
+        tails = "\n".join(child.log_tail() for child in children)
+        raise ProcessError(f"{exc}\n{tails}") from None
+
+
+def _all_ok(urls: list[str]) -> Callable[[], bool]:
+    """A check that every URL in ``urls`` answers 200 (each is asked until it has once)."""
+    pending = list(urls)
+
+    def check() -> bool:
+        pending[:] = [url for url in pending if not http_ok(url)]
+        return not pending
+
+    return check
 
 
 def start(target: str, workdir: Path, nodes: int, *, nginx: bool = False,
@@ -195,11 +195,7 @@ def _start_peer(target: str, workdir: Path, nodes: int, nginx: bool) -> Deployme
         children.append(Child("redis", "redis", [
             find_executable("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(workdir)], workdir / "redis.log"))
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not redis_pings("127.0.0.1", redis_port):
-            if time.monotonic() > deadline or not children[0].alive():
-                raise ClusterError(f"redis did not start\n{children[0].log_tail()}")
-            time.sleep(0.05)
+        _wait_ready(children, lambda: redis_pings("127.0.0.1", redis_port), "redis")
         node_urls = {}
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for n in range(1, nodes + 1):
@@ -215,7 +211,8 @@ def _start_peer(target: str, workdir: Path, nodes: int, nginx: bool) -> Deployme
             children.append(Child("node", f"{target} {node_id}", argv,
                                   workdir / f"{node_id}.log", url=url, env=env))
             node_urls[node_id] = url
-        _wait_ready(children, [f"{u}/readyz" for u in node_urls.values()], f"{target} nodes")
+        _wait_ready(children, _all_ok([f"{u}/readyz" for u in node_urls.values()]),
+                    f"{target} nodes")
         nginx_url = None
         if nginx:
             port = free_port()
@@ -227,7 +224,7 @@ def _start_peer(target: str, workdir: Path, nodes: int, nginx: bool) -> Deployme
             children.append(Child("nginx", "nginx", nginx_command(
                 find_executable("nginx"), workdir, conf), workdir / "nginx.log", url=nginx_url,
                 extra_log=workdir / "nginx-error.log"))
-            _wait_ready(children, [f"{nginx_url}/readyz"], "nginx")
+            _wait_ready(children, _all_ok([f"{nginx_url}/readyz"]), "nginx")
     except BaseException:
         stop()
         raise

@@ -21,12 +21,9 @@ from .engineio import EngineServer, host_allowed
 from .http_api import create_api_blueprint, register_error_handlers
 from .node import Node
 from .protocol import ClientProtocol
+from .resources import CLIENT_BUNDLE, pages_dir
 
 logger = logging.getLogger(__name__)
-
-# The official client, installed from npm at set-up time into static/node_modules.
-CLIENT_BUNDLE = Path("node_modules/socket.io-client/dist/socket.io.min.js")
-
 
 StartResponse = Callable[..., object]
 
@@ -83,7 +80,7 @@ def create_app(config: Config | None = None) -> Realtime:
     engine = EngineServer(config, ClientProtocol(node))
     app.register_blueprint(create_api_blueprint(node, config))
     register_error_handlers(app, node.counters)
-    _register_pages(app, node, Path(config.static_dir))
+    _register_pages(app, node, Path(config.static_dir) if config.static_dir else pages_dir())
     return Realtime(app, engine, node, config)
 
 

@@ -28,7 +28,6 @@ NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.@-]{1,100}")
 FRAME_OVERHEAD = 16 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("auth", "limits")
 MIN_HMAC_SECRET = 32
 SUBSCRIBE_RULES = ("anyone", "authenticated", "granted", "owner")
@@ -134,7 +133,8 @@ class Config:
                                          "(empty: any)")
     trusted_proxies: str = _field("127.0.0.0/8,::1", help="comma-separated addresses or "
                                   "networks of proxies whose X-Forwarded-For is believed")
-    static_dir: str = _field(str(REPO_ROOT / "static"), help="folder with the browser pages")
+    static_dir: str = _field("", help="folder with the browser pages (default: those installed "
+                                      "with realtime, or static/ of a source checkout)")
     log_level: str = _field("info", help="logging level")
     log_format: str = _field("text", help="log lines as plain text, or json: one JSON object "
                                           "per line (time, level, logger, node, message, and "

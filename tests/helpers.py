@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gevent
+
+# The source checkout the tests run from.
+REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01,
@@ -25,13 +28,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         gevent.sleep(interval)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class RecordingHandler:

@@ -15,9 +15,9 @@ import pytest
 import requests
 from playwright.sync_api import Page, Route, expect
 
-from realtime.cluster import LocalCluster
+from realtime_dev.cluster import LocalCluster
+from realtime_dev.processes import NodeProcess
 from tests.browser.conftest import PHONE, TrackedPage
-from tests.integration.processes import NodeProcess
 
 OpenPage = Callable[..., TrackedPage]
 NO_VALUE = "\N{EN DASH}"  # what the admin page shows for a value it does not have (yet)

@@ -2,7 +2,7 @@ import uuid
 
 import pytest
 
-from tests.integration.processes import NodeProcess, RedisProcess
+from realtime_dev.processes import NodeProcess, RedisProcess
 
 
 @pytest.fixture(scope="session")

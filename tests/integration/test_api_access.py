@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from realtime.cluster import LocalCluster, find_executable
+from realtime_dev.cluster import LocalCluster
+from realtime_dev.processes import find_executable
 
 KEY = "itest-" + uuid.uuid4().hex
 

@@ -15,9 +15,9 @@ import pytest
 import requests
 import socketio
 
+from realtime_dev.processes import NodeProcess
 from tests.helpers import wait_until
 from tests.integration.clients import JS_DIR, RecordingClient
-from tests.integration.processes import NodeProcess
 
 SECRET = "integration-secret-" + "x" * 20
 CONFIG = """

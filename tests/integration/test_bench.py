@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.integration.processes import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

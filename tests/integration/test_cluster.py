@@ -10,8 +10,8 @@ import uuid
 import pytest
 import requests
 
-from realtime.cluster import LocalCluster
 from realtime.emitter import Emitter
+from realtime_dev.cluster import LocalCluster
 from tests.helpers import wait_until
 from tests.integration.clients import connect_client, run_official_client
 

@@ -16,10 +16,16 @@ import pytest
 import requests
 import socketio
 
-from realtime.cluster import ClusterError, LocalCluster, find_executable, redis_pings
-from tests.helpers import free_port, wait_until
+from realtime_dev.cluster import ClusterError, LocalCluster
+from realtime_dev.processes import (
+    ManagedProcess,
+    find_executable,
+    free_port,
+    redis_pings,
+    wait_port_closed,
+)
+from tests.helpers import REPO, wait_until
 from tests.integration.clients import connect_client
-from tests.integration.processes import REPO, ManagedProcess, wait_port_closed
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
@@ -59,7 +65,7 @@ class ClusterCommand:
     def started_pids(self, name: str) -> list[int]:
         """Every pid that part ``name`` ('node n1', 'redis', 'nginx') had, first to last."""
         return [int(pid) for pid in re.findall(
-            rf"INFO realtime\.cluster: started {re.escape(name)} \(pid (\d+)\)",
+            rf"INFO realtime_dev\.processes: started {re.escape(name)} \(pid (\d+)\)",
             self.stderr.read_text())]
 
     def wait_restarted(self, name: str, old_pid: int) -> int:
@@ -263,7 +269,7 @@ def test_a_killed_node_and_a_killed_nginx_come_back_on_their_ports_while_clients
         wait_until(lambda: readyz(victim_url) == 200, START_TIMEOUT,
                    message=f"{victim} to answer /readyz on its port again")
         errors = cluster.stderr.read_text()
-        assert re.search(rf"WARNING realtime\.cluster: node {victim} \(pid {victim_pid}\) "
+        assert re.search(rf"WARNING realtime_dev\.cluster: node {victim} \(pid {victim_pid}\) "
                          r"exited on its own with signal SIGKILL after [\d.]+ s; "
                          r"starting it again\n--- last lines of ", errors), errors
         # the restarted node gets new sessions through nginx again

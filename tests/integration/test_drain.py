@@ -11,9 +11,9 @@ import time
 import pytest
 import requests
 
+from realtime_dev.processes import NodeProcess, RedisProcess
 from tests.helpers import wait_until
 from tests.integration.clients import connect_client
-from tests.integration.processes import NodeProcess, RedisProcess
 from tests.integration.rawclients import OP_CLOSE, websocket_session
 
 CLIENTS = 12

@@ -65,6 +65,7 @@ from realtime.transports.framing import (
     OP_TEXT,
 )
 from realtime.transports.polling import body_limit
+from realtime_dev.processes import NodeProcess
 from tests.fuzzing import (
     arbitrary_frames,
     client_frame_bytes,
@@ -78,7 +79,6 @@ from tests.fuzzing import (
 )
 from tests.helpers import wait_until
 from tests.integration.clients import connect_client
-from tests.integration.processes import NodeProcess
 from tests.integration.rawclients import (
     HttpReply,
     NodeWatch,

@@ -12,9 +12,9 @@ import requests
 import socketio
 import websocket
 
+from realtime_dev.processes import NodeProcess
 from tests.helpers import wait_until
 from tests.integration.clients import RecordingClient, connect_client
-from tests.integration.processes import NodeProcess
 
 
 @pytest.fixture(scope="module")

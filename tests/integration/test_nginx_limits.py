@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from realtime.cluster import find_executable, nginx_command, render_nginx_config
-from tests.helpers import free_port, wait_until
-from tests.integration.processes import ManagedProcess, NodeProcess
+from realtime_dev.nginx import nginx_command, render_nginx_config
+from realtime_dev.processes import ManagedProcess, NodeProcess, find_executable, free_port
+from tests.helpers import wait_until
 
 
 @pytest.fixture(scope="module")

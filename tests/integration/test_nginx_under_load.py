@@ -27,7 +27,7 @@ import gevent
 import pytest
 import requests
 
-from realtime.cluster import LocalCluster
+from realtime_dev.cluster import LocalCluster
 from tests.helpers import wait_until
 
 NODES = 3

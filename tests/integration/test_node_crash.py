@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import requests
 
+from realtime_dev.processes import NodeProcess, RedisProcess
 from tests.helpers import wait_until
 from tests.integration.clients import connect_client
-from tests.integration.processes import NodeProcess, RedisProcess
 
 
 def test_the_users_of_a_killed_node_leave_once_when_their_presence_expires(tmp_path, clients):

@@ -10,9 +10,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from realtime.broker.redis import RedisBroker
+from realtime_dev.processes import NodeProcess, RedisProcess
 from tests.helpers import RecordingHandler, wait_until
 from tests.integration.clients import connect_client
-from tests.integration.processes import NodeProcess, RedisProcess
 
 KEY = "obs-" + uuid.uuid4().hex
 

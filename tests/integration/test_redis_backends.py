@@ -104,7 +104,7 @@ def test_losing_the_stream_meta_starts_a_new_epoch(make_broker, redis_server):
 
 
 def test_1000_reads_of_distinct_channels_create_no_key(tmp_path):
-    from tests.integration.processes import RedisProcess
+    from realtime_dev.processes import RedisProcess
 
     server = RedisProcess(tmp_path).wait_ready()  # its own, so DBSIZE counts only this test
     broker = RedisBroker(server.url, timeout=2)
@@ -256,7 +256,7 @@ def test_a_dead_nodes_expired_users_are_reported_once_across_nodes(redis_server)
 
 
 def test_unreachable_redis_raises_unavailable():
-    from tests.helpers import free_port
+    from realtime_dev.processes import free_port
 
     broker = RedisBroker(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
     broker.start(RecordingHandler())
@@ -274,7 +274,7 @@ def test_unreachable_redis_raises_unavailable():
 
 
 def test_the_subscriber_reconnects_and_resubscribes(tmp_path):
-    from tests.integration.processes import RedisProcess
+    from realtime_dev.processes import RedisProcess
 
     server = RedisProcess(tmp_path).wait_ready()
     broker, received = RedisBroker(server.url, timeout=1), RecordingHandler()
@@ -296,7 +296,7 @@ def test_the_subscriber_reconnects_and_resubscribes(tmp_path):
 
 
 def test_broker_and_presence_come_back_after_a_redis_restart(tmp_path, caplog):
-    from tests.integration.processes import RedisProcess
+    from realtime_dev.processes import RedisProcess
 
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()

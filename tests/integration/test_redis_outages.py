@@ -13,10 +13,10 @@ from realtime.broker import HistoryOptions
 from realtime.broker.redis import RedisBroker
 from realtime.emitter import Emitter
 from realtime.errors import Unavailable
+from realtime_dev.processes import NodeProcess, RedisProcess
 from tests.contract.broker_contract import unique
 from tests.helpers import RecordingHandler, wait_until
 from tests.integration.clients import connect_client
-from tests.integration.processes import NodeProcess, RedisProcess
 
 KEEP = HistoryOptions(size=100, ttl=300)
 

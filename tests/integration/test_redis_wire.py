@@ -9,8 +9,9 @@ from gevent.server import StreamServer
 
 from realtime.redis_support import LuaScript
 from realtime.redis_wire import CommandPipe, open_connection
+from realtime_dev.processes import free_port
 from tests.contract.broker_contract import unique
-from tests.helpers import free_port, wait_until
+from tests.helpers import wait_until
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import requests
 
-from realtime.cluster import LocalCluster
 from realtime.emitter import Emitter
+from realtime_dev.cluster import LocalCluster
 from tests.helpers import wait_until
 from tests.integration.clients import connect_client
 from tests.integration.streams import (

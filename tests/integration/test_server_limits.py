@@ -18,9 +18,9 @@ import requests
 import websocket
 from engineio import packet
 
+from realtime_dev.processes import NodeProcess
 from tests.helpers import wait_until
 from tests.integration.clients import RecordingClient, _InOrderEngineIOClient, connect_client
-from tests.integration.processes import NodeProcess
 from tests.integration.rawclients import RawHttp
 
 HEADER_TIMEOUT = 1.0

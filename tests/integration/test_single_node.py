@@ -11,9 +11,9 @@ import pytest
 import requests
 import websocket
 
+from realtime_dev.processes import NodeProcess, wait_port_closed
 from tests.helpers import wait_until
 from tests.integration.clients import connect_client
-from tests.integration.processes import NodeProcess, wait_port_closed
 
 TRANSPORTS = ["websocket", "polling"]
 
@@ -91,7 +91,7 @@ def test_pages_and_the_client_bundle_are_served(single_node):
 
 
 def test_environment_configures_the_node_and_sigterm_stops_it(tmp_path):
-    from tests.helpers import free_port
+    from realtime_dev.processes import free_port
 
     port = free_port()
     node = NodeProcess(tmp_path, "from-env", port=port,

@@ -17,9 +17,9 @@ import pytest
 import requests
 import websocket
 
+from realtime_dev.processes import NodeProcess
 from tests.helpers import wait_until
 from tests.integration.clients import JS_DIR
-from tests.integration.processes import NodeProcess
 
 SUBSCRIBERS = 12
 

@@ -146,7 +146,7 @@ def test_bad_namespace_and_section_tables_are_refused(tmp_path, table, message):
 
 
 def test_the_cluster_command_gives_nodes_secrets_in_their_environment_only():
-    from realtime.cli import node_auth_settings
+    from realtime_dev.command import node_auth_settings
 
     args = build_parser().parse_args(
         ["cluster", "--jwt-secret", "s3cret" * 6, "--api-key", "k1", "--api-key", "k2",

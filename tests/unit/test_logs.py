@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from realtime.cli import build_parser, node_log_flags
+from realtime.cli import build_parser
 from realtime.config import Config, ConfigError
 from realtime.logs import JsonFormatter
+from realtime_dev.command import node_log_flags
 
 
 def record(message: str, *args, level=logging.INFO, exc_info=None, **extra) -> logging.LogRecord:

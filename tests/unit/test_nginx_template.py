@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from realtime.cluster import (
+from realtime.config import Config
+from realtime_dev.nginx import (
     NGINX_TEMPLATE,
     PLACEHOLDER_RE,
     WORKER_RLIMIT_NOFILE,
-    find_executable,
     nginx_command,
     render_nginx_config,
     render_template,
 )
-from realtime.config import Config
+from realtime_dev.processes import find_executable
 
 NODES = {"n1": "127.0.0.1:5001", "n2": "127.0.0.1:5002", "n3": "127.0.0.1:5003"}
 

@@ -1,370 +1,60 @@
 """A local cluster as child processes: redis, N nodes and nginx in front of them.
 
-``python run.py cluster`` runs one for development, with a :class:`Supervisor` that starts a
-part that dies again; integration tests use :class:`LocalCluster` as a fixture. Every child runs
-in a session of its own, so that a Ctrl-C in the terminal reaches only the orchestrating process,
-which then stops the children in order (nginx, nodes, redis), and so that a child's own children
-(nginx workers) can be swept up with it.
+``realtime cluster`` (:mod:`realtime_dev.command`) runs one for development, with a
+:class:`Supervisor` that starts a part that dies again; integration tests and the bench use
+:class:`LocalCluster` as a fixture. Every child runs in a session of its own, so that a Ctrl-C in
+the terminal reaches only the orchestrating process, which then stops the children in order
+(nginx, nodes, redis), and so that a child's own children (nginx workers) can be swept up with
+it. The nodes run the realtime this process imported (:func:`~realtime_dev.processes.node_command`).
 
-The nginx configuration comes from ``nginx/realtime.conf.template`` (see ``nginx/README.md``):
-sessions stick to their node through the node id at the start of every Engine.IO session id.
+The nginx configuration comes from :mod:`realtime_dev.nginx` (see ``nginx/README.md``): sessions
+stick to their node through the node id at the start of every Engine.IO session id.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
-import resource
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
-from .config import NODE_ID_RE, REPO_ROOT
+from .nginx import DEFAULT_PROXY_TIMEOUT, nginx_command, render_nginx_config
+from .processes import (
+    POLL_INTERVAL,
+    STOP_TIMEOUT,
+    Child,
+    ProcessError,
+    can_listen,
+    find_executable,
+    free_port,
+    http_ok,
+    node_command,
+    node_environment,
+    redis_pings,
+    stop_children,
+    tcp_connects,
+)
 
 logger = logging.getLogger(__name__)
 
-NGINX_TEMPLATE = REPO_ROOT / "nginx" / "realtime.conf.template"
-RUN_PY = REPO_ROOT / "run.py"
-PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
-DEFAULT_PROXY_TIMEOUT = "75s"
 READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
-# Between the two SIGTERMs that stop a node without its drain (see stop_children).
-SECOND_SIGNAL_DELAY = 0.2
 # How long an external redis may take to accept a connection: it is already running, or not.
 EXTERNAL_REDIS_TIMEOUT = 5.0
-POLL_INTERVAL = 0.05
-# Open files per nginx worker: both sides of 20000 worker_connections, plus slack.
-WORKER_RLIMIT_NOFILE = 45000
 # A part that ran this long before it died is started again at once; one that keeps dying
 # sooner waits longer and longer before each start, up to RESTART_MAX_DELAY.
 RESTART_STABLE_AFTER = 10.0
 RESTART_MAX_DELAY = 30.0
-# Failure accounting of the upstream of new sessions and plain HTTP (see nginx/README.md,
-# "When a node fails"): this many failed attempts within NODE_FAIL_TIMEOUT take a node out of
-# rotation for NODE_FAIL_TIMEOUT. Every node is also listed as a backup that is never taken out.
-NODE_MAX_FAILS = 3
-NODE_FAIL_TIMEOUT = "5s"
-# Idle keep-alive connections per nginx worker: to all nodes together, and to each node for its
-# sessions; nginx closes them before the nodes' --idle-timeout (60 s) would.
-UPSTREAM_KEEPALIVE = 16
-NODE_UPSTREAM_KEEPALIVE = 8
-UPSTREAM_KEEPALIVE_TIMEOUT = "50s"
-# Words with a meaning of their own as keys of an nginx `map`: a node id spelled like one must be
-# escaped with a backslash to be taken literally.
-_NGINX_MAP_KEYWORDS = frozenset({"default", "hostnames", "include", "volatile"})
-# Characters that would end or reinterpret a quoted nginx path.
-_UNSAFE_PATH_CHARS = frozenset('"\'\\;{}$\n\r')
-# Urllib without any proxy from the environment: the cluster is always on this machine.
-_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ProcessError):
     """A part of the cluster failed to start or died; the message includes its log tail."""
 
 
 class ClusterAborted(ClusterError):
     """:meth:`LocalCluster.start` was asked to give up (e.g. by Ctrl-C) before it was done."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def find_executable(name: str) -> str:
-    """The path of ``name`` on PATH, or in the sbin directories that PATH often lacks."""
-    found = shutil.which(name)
-    if found:
-        return found
-    for directory in ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin", "/usr/local/bin"):
-        candidate = Path(directory) / name
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise ClusterError(f"{name} is not installed (not on PATH nor in /usr/sbin): install it first")
-
-
-def render_template(template: str, values: Mapping[str, str]) -> str:
-    """Replace every ``{{name}}`` in ``template`` with ``values[name]``.
-
-    Raises ValueError when a placeholder has no value, a value has no placeholder (a typo on
-    either side) or a placeholder is left after rendering. Lines after the first of a multi-line
-    value get the indentation of the line holding the placeholder.
-    """
-    names = set(PLACEHOLDER_RE.findall(template))
-    missing = sorted(names - set(values))
-    unknown = sorted(set(values) - names)
-    if missing or unknown:
-        problems = []
-        if missing:
-            problems.append("no value for " + ", ".join(missing))
-        if unknown:
-            problems.append("the template has no placeholder " + ", ".join(unknown))
-        raise ValueError("cannot render the template: " + "; ".join(problems))
-
-    def substitute(match: re.Match[str]) -> str:
-        line_start = template.rfind("\n", 0, match.start()) + 1
-        indent = re.match(r"[ \t]*", template[line_start:]).group()  # type: ignore[union-attr]
-        first, *rest = values[match.group(1)].split("\n")
-        return "\n".join([first, *(indent + line if line else "" for line in rest)])
-
-    rendered = PLACEHOLDER_RE.sub(substitute, template)
-    if "{{" in rendered:
-        line = rendered[rendered.index("{{"):].splitlines()[0]
-        raise ValueError(f"a placeholder is left after rendering: {line!r}")
-    return rendered
-
-
-def upstream_name(node_id: str) -> str:
-    """The name of the nginx upstream that holds only ``node_id``."""
-    return f"realtime_node_{node_id}"
-
-
-def render_nginx_config(
-    nodes: Mapping[str, str],
-    listen: str,
-    prefix: Path | str,
-    *,
-    proxy_timeout: str = DEFAULT_PROXY_TIMEOUT,
-    worker_processes: str = "1",
-    worker_rlimit_nofile: int | None = None,
-    template: str | None = None,
-) -> str:
-    """A complete nginx.conf for ``nodes`` (node id -> ``host:port``) from the template.
-
-    ``listen`` is nginx's listen address (``127.0.0.1:8080``, ``80``...), ``prefix`` an absolute
-    directory for its pid file, error log and temp directories. ``template`` defaults to
-    ``nginx/realtime.conf.template``. ``worker_rlimit_nofile`` defaults to
-    :data:`WORKER_RLIMIT_NOFILE` or this process's hard limit, whichever is lower.
-    """
-    if not nodes:
-        raise ValueError("an nginx configuration needs at least one node")
-    seen: dict[str, str] = {}
-    for node_id in nodes:
-        if not NODE_ID_RE.fullmatch(node_id):
-            raise ValueError(f"node id must match [A-Za-z0-9_-]{{1,32}}, not {node_id!r}")
-        # nginx matches map keys case-insensitively: n1 and N1 would be the same key.
-        clash = seen.setdefault(node_id.lower(), node_id)
-        if clash != node_id:
-            raise ValueError(f"node ids {clash!r} and {node_id!r} differ only in case")
-    prefix = str(prefix)
-    if not os.path.isabs(prefix) or _UNSAFE_PATH_CHARS & set(prefix):
-        raise ValueError(f"the nginx prefix must be an absolute path without quotes, "
-                         f"backslashes, ';', braces or '$': {prefix!r}")
-    for name, value in (("listen", listen), ("proxy_timeout", proxy_timeout),
-                        ("worker_processes", worker_processes)):
-        if not value or not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+", value):
-            raise ValueError(f"{name} is not a plain nginx value: {value!r}")
-
-    addresses = list(nodes.values())
-    upstreams = [
-        "# New handshakes and plain HTTP: any node, the one with the fewest connections first.",
-        "upstream realtime_all {",
-        "    least_conn;",
-        f"    # {NODE_MAX_FAILS} failed attempts (no connection, a reset, a timeout) within "
-        f"{NODE_FAIL_TIMEOUT} take a node",
-        f"    # out of rotation for {NODE_FAIL_TIMEOUT}; then one request tries it again.",
-        *(f"    server {address} max_fails={NODE_MAX_FAILS} fail_timeout={NODE_FAIL_TIMEOUT};"
-          for address in addresses),
-        "    # The same nodes again, as backups that are never taken out: when every node above",
-        "    # is out at once (a rolling restart, a few errors from each), requests still try",
-        "    # them all rather than get 502 \"no live upstreams\". See nginx/README.md.",
-        *(f"    server {address} backup max_fails=0;" for address in addresses),
-        "    # Idle connections kept open to the nodes for the next requests. The nodes keep them",
-        "    # alive as well and say `Connection: close` when they end one; they close an idle one",
-        "    # after their --idle-timeout (60 s), and nginx lets it go before that, so that it",
-        "    # never sends a request on a connection that the node is closing.",
-        f"    keepalive {UPSTREAM_KEEPALIVE};",
-        f"    keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT};",
-        "}",
-    ]
-    for node_id, address in nodes.items():
-        # A single server: nginx never takes it out of rotation (there is nowhere else to go).
-        upstreams += ["", f"upstream {upstream_name(node_id)} {{", f"    server {address};",
-                      "    # (its sessions' requests: kept-alive connections as above)",
-                      f"    keepalive {NODE_UPSTREAM_KEEPALIVE};",
-                      f"    keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT};", "}"]
-    node_map = []
-    for node_id in nodes:
-        key = "\\" + node_id if node_id.lower() in _NGINX_MAP_KEYWORDS else node_id
-        node_map.append(f"{key} {upstream_name(node_id)};")
-    if template is None:
-        template = NGINX_TEMPLATE.read_text()
-    return render_template(template, {
-        "prefix": prefix.rstrip("/") or "/",
-        "listen": listen,
-        "worker_processes": worker_processes,
-        "worker_rlimit_nofile": str(worker_rlimit_nofile or _default_rlimit_nofile()),
-        "proxy_timeout": proxy_timeout,
-        "upstreams": "\n".join(upstreams),
-        "node_map": "\n".join(node_map),
-    })
-
-
-def _default_rlimit_nofile() -> int:
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return WORKER_RLIMIT_NOFILE if hard == resource.RLIM_INFINITY else min(
-        WORKER_RLIMIT_NOFILE, hard)
-
-
-def nginx_command(nginx: str, prefix: Path, conf: Path) -> list[str]:
-    """The argv that runs nginx in the foreground on ``conf`` with everything in ``prefix``."""
-    argv = [nginx, "-p", f"{prefix}/", "-c", str(conf)]
-    if _nginx_version(nginx) >= (1, 19, 5):
-        # -e: the error log nginx writes to before it has read the configuration. Without it,
-        # that is /var/log/nginx/error.log, which an ordinary user cannot open.
-        argv += ["-e", str(prefix / "nginx-error.log")]
-    return [*argv, "-g", "daemon off;"]
-
-
-def _nginx_version(nginx: str) -> tuple[int, ...]:
-    try:
-        result = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=10,
-                                check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return ()
-    match = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", result.stderr + result.stdout)
-    return tuple(int(part) for part in match.groups()) if match else ()
-
-
-class Child:
-    """One process the cluster started, in a session of its own, with its output in a log file."""
-
-    def __init__(self, kind: str, name: str, argv: Sequence[str], log_path: Path, *,
-                 url: str | None = None, extra_log: Path | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
-        self.kind = kind
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_path
-        self.url = url
-        self.extra_log = extra_log
-        self.env = None if env is None else dict(env)
-        # The child keeps its own copy of the descriptor; appending keeps the log of an earlier
-        # run of the same node when it is started again.
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT, env=self.env, start_new_session=True)
-        self.pid = self.process.pid
-        self.started_at = time.monotonic()
-        self._stop_logged = False
-        self._group_gone = False
-        logger.info("started %s (pid %d), log %s", name, self.pid, log_path)
-
-    def __repr__(self) -> str:
-        return f"<Child {self.name} pid={self.pid} returncode={self.returncode}>"
-
-    def alive(self) -> bool:
-        """Whether the process is still running (reaps it if it has exited)."""
-        return self.process.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.poll()
-
-    def respawn(self) -> Child:
-        """A new process of this child: the same command line, environment and log files."""
-        return Child(self.kind, self.name, self.argv, self.log_path, url=self.url,
-                     extra_log=self.extra_log, env=self.env)
-
-    def exit_description(self) -> str:
-        """How the process ended: ``status 1``, ``signal SIGKILL``; ``running`` if it has not."""
-        code = self.returncode
-        if code is None:
-            return "running"
-        if code < 0:
-            with contextlib.suppress(ValueError):
-                return f"signal {signal.Signals(-code).name}"
-            return f"signal {-code}"
-        return f"status {code}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last ``lines`` lines of the child's log (and of its extra log, if any)."""
-        parts = []
-        for path in (self.log_path, self.extra_log):
-            if path is None:
-                continue
-            try:
-                text = path.read_text(errors="replace")
-            except OSError:
-                continue
-            tail = "\n".join(text.splitlines()[-lines:])
-            parts.append(f"--- last lines of {path} ---\n{tail or '(empty)'}")
-        return "\n".join(parts)
-
-    def send_signal(self, signum: int) -> None:
-        """Signal the process itself, by pid, if it has not exited yet."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signum)
-
-    def kill(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGKILL the process and whatever it started, then reap it."""
-        self._kill_group()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout)
-        # The whole group has had its SIGKILL: nothing of it outlives this for long.
-        self._group_gone = self._group_gone or not self.alive()
-
-    def _kill_group(self) -> None:
-        # The group is the session this child leads (start_new_session): its id is the child's
-        # pid, which Linux does not hand out again while the group has members, so this reaches
-        # only processes that this child started. Once the child is reaped and its group killed,
-        # the id may go to an unrelated process some day: never signal it again.
-        if self._group_gone:
-            return
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            self._group_gone = True
-        except PermissionError:
-            pass
-
-
-def stop_children(children: Sequence[Child], timeout: float = STOP_TIMEOUT, *,
-                  skip_drain: bool = False) -> None:
-    """SIGTERM every child, SIGKILL those still running after ``timeout`` s, reap them all.
-
-    A node drains on SIGTERM (up to its ``--drain-timeout``); with ``skip_drain`` it gets a
-    second SIGTERM a moment later, which ends its drain at once: when the whole cluster stops,
-    its clients have nowhere to go.
-    """
-    for child in children:
-        child.send_signal(signal.SIGTERM)
-    if skip_drain and children:
-        time.sleep(SECOND_SIGNAL_DELAY)  # the first must be handled: signals do not queue
-        for child in children:
-            if child.alive():
-                child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for child in children:
-        try:
-            child.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            logger.warning("%s (pid %d) ignored SIGTERM for %.0fs; killing it", child.name,
-                           child.pid, timeout)
-        # Also sweeps up what the child left behind, e.g. nginx workers of a dead master.
-        child.kill()
-        if child.alive():
-            logger.error("%s (pid %d) is still running after SIGKILL", child.name, child.pid)
-        elif not child._stop_logged:
-            child._stop_logged = True
-            logger.info("%s (pid %d) exited with status %s", child.name, child.pid,
-                        child.returncode)
 
 
 class LocalCluster:
@@ -451,7 +141,7 @@ class LocalCluster:
             raise RuntimeError("this cluster is already running")
         self.children = []
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.port and not _can_listen(self._bind_host, self.port):
+        if self.port and not can_listen(self._bind_host, self.port):
             # Before starting anything: nginx would only find out after its bind retries.
             raise ClusterError(f"cannot listen on {self.host}:{self.port}: the port is in use")
         self._abort = abort
@@ -459,6 +149,12 @@ class LocalCluster:
             self._start_redis()
             self._start_nodes()
             self._start_nginx()
+        except ClusterError:
+            self.stop()
+            raise
+        except ProcessError as exc:  # e.g. nginx is not installed
+            self.stop()
+            raise ClusterError(str(exc)) from exc
         except BaseException:
             self.stop()
             raise
@@ -517,7 +213,7 @@ class LocalCluster:
             return False
         if child.kind == "redis":
             return redis_pings(*_redis_address(child.url or ""))
-        return _http_ok(f"{child.url}/readyz")
+        return http_ok(f"{child.url}/readyz")
 
     def dead_children(self) -> list[Child]:
         """The children that have exited, e.g. for a supervisor to notice a crash."""
@@ -535,7 +231,7 @@ class LocalCluster:
     def _start_redis(self) -> None:
         if not self.owns_redis:
             host, port = _redis_address(self.redis_url or "")
-            self._wait(lambda: _tcp_connects(host, port),
+            self._wait(lambda: tcp_connects(host, port),
                        f"redis at {host}:{port} to accept connections",
                        min(self.ready_timeout, EXTERNAL_REDIS_TIMEOUT))
             return
@@ -560,10 +256,12 @@ class LocalCluster:
     def _spawn_node(self, node_id: str) -> Child:
         port = self._node_ports[node_id]
         url = f"http://{self._url_host}:{port}"
-        argv = [sys.executable, str(RUN_PY), "serve", "--host", self.host, "--port", str(port),
-                "--node-id", node_id, "--broker", str(self.redis_url), *self.node_args]
+        argv = node_command("serve", "--host", self.host, "--port", str(port),
+                            "--node-id", node_id, "--broker", str(self.redis_url),
+                            *self.node_args)
+        env = node_environment({**os.environ, **self.node_env, "PYTHONUNBUFFERED": "1"})
         child = Child("node", f"node {node_id}", argv, self.workdir / f"{node_id}.log", url=url,
-                      env={**os.environ, **self.node_env, "PYTHONUNBUFFERED": "1"})
+                      env=env)
         self.children.append(child)
         self.node_urls[node_id] = url
         return child
@@ -599,7 +297,7 @@ class LocalCluster:
         pending = list(children)
 
         def all_ready() -> bool:
-            pending[:] = [c for c in pending if not _http_ok(f"{c.url}/readyz")]
+            pending[:] = [c for c in pending if not http_ok(f"{c.url}/readyz")]
             return not pending
 
         self._wait(all_ready, what, timeout, pending, watch)
@@ -725,42 +423,3 @@ def _redis_address(url: str) -> tuple[str, int]:
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise ClusterError(f"not a redis URL: {url!r} (expected redis://host:port/db)")
     return parts.hostname, parts.port or 6379
-
-
-def _can_listen(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        # As nginx does: a port whose last connections linger in TIME_WAIT is free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _tcp_connects(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def redis_pings(host: str, port: int) -> bool:
-    """True when a Redis server answers PING at ``host:port`` within a second."""
-    try:
-        with socket.create_connection((host, port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with _NO_PROXY_OPENER.open(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        # HTTPError (a 503 while not ready) is a URLError too.
-        return False
