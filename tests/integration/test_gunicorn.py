@@ -166,13 +166,18 @@ def test_sigterm_to_the_gunicorn_master_drains_the_node_and_exits_0(tmp_path, cl
         node.stop()
 
 
-def test_gunicorn_refuses_to_boot_a_node_that_could_not_drain_in_its_graceful_timeout(
-        tmp_path):
-    argv = [*GUNICORN_ARGV[:-1], "--graceful-timeout", "2", GUNICORN_ARGV[-1]]
+@pytest.mark.parametrize(("flags", "reason"), [
+    (("--graceful-timeout", "2"),
+     "graceful_timeout (2 s) must be longer than the node's drain_timeout (5 s)"),
+    (("--workers", "2"), "workers must be 1, not 2"),
+])
+def test_gunicorn_refuses_to_boot_what_is_not_one_node_that_can_drain(tmp_path, flags, reason):
+    argv = [*GUNICORN_ARGV[:-1], *flags, GUNICORN_ARGV[-1]]
     env = {**os.environ, "REALTIME_PORT": str(free_port()), "REALTIME_DRAIN_TIMEOUT": "5"}
-    short = ManagedProcess("gunicorn", argv, tmp_path / "short.log", env)
-    code = short.process.wait(20)
-    assert code != 0
-    assert "graceful_timeout (2 s) must be longer than the node's drain_timeout (5 s)" in \
-        short.log()
-    short.stop()
+    refused = ManagedProcess("gunicorn", argv, tmp_path / "refused.log", env)
+    try:
+        # a failed boot stops the master (exit status 3), rather than a worker started forever
+        assert refused.process.wait(20) == 3, refused.log()
+        assert reason in refused.log()
+    finally:
+        refused.stop()
