@@ -343,3 +343,20 @@ def test_the_image_installs_the_package_and_runs_gunicorn_on_the_nodes_port():
 
 def test_gunicorn_listens_with_the_backlog_of_run_py_serve():
     assert gunicorn_config.LISTEN_BACKLOG == LISTEN_BACKLOG == gunicorn_config.backlog
+
+
+def test_nginx_accepts_the_compose_nginx_conf(tmp_path):
+    """``nginx -t`` on deploy/nginx.conf, with the compose hosts (which only Docker's DNS
+    knows) made loopback addresses and the image's prefix made a temporary one."""
+    from realtime.cluster import find_executable, nginx_command
+
+    config = (DEPLOY / "nginx.conf").read_text()
+    for name in NODE_SERVICES:
+        config = config.replace(f" {name}:", " 127.0.0.1:")
+    config = config.replace('"/var/cache/nginx/', f'"{tmp_path}/')
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(config)
+    result = subprocess.run([*nginx_command(find_executable("nginx"), tmp_path, conf), "-t"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
