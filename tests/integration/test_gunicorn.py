@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,14 @@ def test_sigterm_to_the_gunicorn_master_drains_the_node_and_exits_0(tmp_path, cl
         clients.append(polling)
         kept_alive = requests.Session()
         assert kept_alive.get(f"{node.url}/readyz", timeout=5).status_code == 200
+        # a long poll waiting in the node when the drain starts
+        base = f"{node.url}/socket.io/?EIO=4&transport=polling"
+        poller = requests.Session()
+        sid = poller.get(base, timeout=5).text.split('"sid":"')[1].split('"')[0]
+        poller.post(f"{base}&sid={sid}", data="40", timeout=5)
+        assert poller.get(f"{base}&sid={sid}", timeout=5).text.startswith("40")
+        in_flight = ThreadPoolExecutor(1)
+        long_poll = in_flight.submit(poller.get, f"{base}&sid={sid}", timeout=30)
 
         node.signal(signal.SIGTERM)  # to the master, as an orchestrator stops it
         answers = []
@@ -158,9 +167,13 @@ def test_sigterm_to_the_gunicorn_master_drains_the_node_and_exits_0(tmp_path, cl
             assert "41" not in [frame.text for frame in ws.frames if frame.opcode != OP_CLOSE]
         assert time.monotonic() - started < 5
         wait_until(lambda: not polling.connected, message="the polling client to be closed")
+        # the request in flight is answered, with the Engine.IO close packet, not cut
+        answer = long_poll.result(timeout=15)
+        in_flight.shutdown()
+        assert answer.status_code == 200 and "1" in answer.text.split("\x1e"), answer.text
         assert node.process.wait(15) == 0, node.log()
         log = node.log()
-        assert "drained 5 sessions" in log, log
+        assert "drained 6 sessions" in log, log
         assert "Shutting down: Master" in log
     finally:
         node.stop()
