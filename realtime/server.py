@@ -523,25 +523,29 @@ def raise_open_file_limit() -> int:
     return max(soft, target)
 
 
-def serve(config: Config) -> None:
-    """Run one node until SIGINT or SIGTERM. Raises ConfigError when it cannot start."""
-    check_monkey_patched()
+def node_server(config: Config, realtime: Realtime, listener: Any) -> RealtimeServer:
+    """The listening server of one node, not started yet: ``listener`` is an address
+    ``(host, port)`` to bind, or a listening socket handed over (gunicorn's worker does that).
+
+    Raises ConfigError when it cannot listen. Shared by ``run.py serve`` and
+    :class:`realtime.gunicorn_worker.RealtimeWorker`, so that both serve with the same limits.
+    """
     open_files = raise_open_file_limit()
     max_connections = connection_cap(config.max_connections, open_files)
     if max_connections > open_files - DESCRIPTOR_RESERVE:
         logger.warning("max_connections %d is more than the open-file limit (%d) allows: past "
                        "%d connections, accepting fails instead of answering 503",
                        max_connections, open_files, open_files - DESCRIPTOR_RESERVE)
-    realtime: Realtime = create_app(config)
     server = RealtimeServer(
-        (config.host, config.port),
+        listener,
         realtime.wsgi,
         engine=realtime.engine,
         max_connections=max_connections,
         header_timeout=config.header_timeout,
         idle_timeout=config.idle_timeout,
         log=None,  # no access log line per long-polling request
-        backlog=LISTEN_BACKLOG,
+        # (a socket handed over is listening already, with the backlog its owner chose)
+        backlog=LISTEN_BACKLOG if isinstance(listener, tuple) else None,
         error_log=logging.getLogger("realtime.wsgi"),
     )
     try:
@@ -551,11 +555,19 @@ def serve(config: Config) -> None:
     # Accepted sockets inherit it: long-polling responses and events leave at once instead of
     # waiting behind Nagle's algorithm for the client's delayed ACK.
     server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    realtime.start()
     host, port = server.socket.getsockname()[:2]
     logger.info("node %s serving on http://%s:%d (broker %s, up to %d connections, %d open "
                 "files)", config.node_id, host, port, redacted_url(config.broker), max_connections,
                 open_files)
+    return server
+
+
+def serve(config: Config) -> None:
+    """Run one node until SIGINT or SIGTERM. Raises ConfigError when it cannot start."""
+    check_monkey_patched()
+    realtime: Realtime = create_app(config)
+    server = node_server(config, realtime, (config.host, config.port))
+    realtime.start()
     stop_asked = gevent.event.Event()
     cut_short = gevent.event.Event()
 
