@@ -2,6 +2,10 @@
 
 Errors answer ``{error: {code, message}}`` with the status of the error's class.
 
+``POST /api/batch`` runs many publish/broadcast/disconnect commands in one request
+(:func:`batch_command`). The hot routes (publish, broadcast, batch) are also served as plain
+WSGI before Flask's dispatch (:class:`FastRoutes`), on the same code as the Flask routes.
+
 ``GET /metrics`` (Prometheus, see :mod:`realtime.metrics`) answers under the same rule.
 
 Who may call it: with API keys configured (``--api-key``), whoever sends one of them as
@@ -113,7 +117,7 @@ def create_api_blueprint(node: Node, config: Config) -> Blueprint:
 
     # The hot routes: the node's WSGI entry serves them before Flask's dispatch (FastRoutes);
     # these are what Flask answers when called directly (its test client, say). Both run the
-    # same parsing, checks and commands: _json_object and COMMANDS.
+    # same parsing, checks and commands (_json_object, *_command).
     @api.post("/api/publish")
     def publish() -> Any:
         return publish_command(node, _json_body())
@@ -124,7 +128,7 @@ def create_api_blueprint(node: Node, config: Config) -> Blueprint:
 
     @api.post("/api/batch")
     def batch() -> Any:
-        return batch_command(node, _json_body(BATCH_BODY_LIMIT))
+        return batch_command(node, _json_body(BATCH_BODY_LIMIT), node.counters.error)
 
     @api.get("/api/presence/<channel>")
     def presence(channel: str) -> Any:
