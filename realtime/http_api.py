@@ -26,6 +26,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.http import HTTP_STATUS_CODES
 
 from .broker.base import PublishRequest, StreamPosition
 from .channels import validate_channel
@@ -321,7 +322,6 @@ class FastRoutes:
     """
 
     def __init__(self, node: Node, config: Config) -> None:
-        self._node = node
         self._access = ApiAccess(config)
         self._count = node.counters.error
         body_limit = api_body_limit(config)
@@ -362,10 +362,9 @@ class FastRoutes:
         return [body]
 
 
-_STATUS_LINES = {status: f"{status} {phrase}" for status, phrase in (
-    (200, "OK"), (400, "BAD REQUEST"), (401, "UNAUTHORIZED"), (403, "FORBIDDEN"),
-    (404, "NOT FOUND"), (413, "REQUEST ENTITY TOO LARGE"), (429, "TOO MANY REQUESTS"),
-    (500, "INTERNAL SERVER ERROR"), (503, "SERVICE UNAVAILABLE"))}
+# The status lines Flask sends (werkzeug's phrases, upper case), for every status.
+_STATUS_LINES = {status: f"{status} {phrase.upper()}"
+                 for status, phrase in HTTP_STATUS_CODES.items()}
 
 
 def _read_body(environ: dict, limit: int) -> bytes:
