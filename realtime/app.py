@@ -38,7 +38,7 @@ class Realtime:
     config: Config
 
     def start(self) -> None:
-        if not self.config.jwt_configured:
+        if not self.config.jwt_configured and not self.config.proxy_connect_url:
             logger.warning("no JWT key is configured: connections are anonymous and each is "
                            "who its auth.user says, unverified (development mode; see the "
                            "README's Authentication section)")

@@ -61,7 +61,10 @@ class NamespaceConfig:
     ``publish``: who may publish from a client: ``anyone``, ``subscribers`` (connections
     subscribed to the channel), ``authenticated``, ``server`` (only the HTTP API and the
     emitter). ``None`` sizes and TTLs take the node's ``--history-size``, ``--history-ttl`` and
-    ``--max-message-size``.
+    ``--max-message-size``. ``proxy_subscribe_url`` and ``proxy_publish_url``: the backend
+    that decides this namespace's client subscribes and publishes (:mod:`realtime.proxy`);
+    ``None`` takes the node's ``--proxy-subscribe-url``/``--proxy-publish-url``, ``""`` asks
+    no backend for this namespace.
     """
 
     subscribe: str = "anyone"
@@ -72,6 +75,8 @@ class NamespaceConfig:
     history_ttl: float | None = None
     recovery: bool = True
     max_message_size: int | None = None
+    proxy_subscribe_url: str | None = None
+    proxy_publish_url: str | None = None
 
     def validate(self, name: str) -> None:
         where = f"namespace {name!r}" if name else "the default namespace"
@@ -91,6 +96,16 @@ class NamespaceConfig:
                                              or isinstance(self.history_ttl, bool)
                                              or self.history_ttl <= 0):
             raise ConfigError(f"{where}: history_ttl must be a positive number of seconds")
+        for option in ("proxy_subscribe_url", "proxy_publish_url"):
+            value = getattr(self, option)
+            if value is not None and (not isinstance(value, str) or not _is_proxy_url(value)):
+                raise ConfigError(f"{where}: {option} must be an http:// or https:// URL, or "
+                                  f"\"\" for none")
+
+
+def _is_proxy_url(url: str) -> bool:
+    """An empty string (no backend) or an http(s) URL."""
+    return not url or url.startswith(("http://", "https://"))
 
 
 # Namespaces that exist without configuration (a [namespaces.<name>] table changes any option
@@ -182,6 +197,17 @@ class Config:
     idle_timeout: float = _field(60.0, section="limits",
                                  help="seconds an idle keep-alive HTTP connection is kept")
 
+    proxy_connect_url: str = _field("", help="backend URL that decides who a connecting client "
+                                             "is (a JSON POST; see the README's Backend proxy)")
+    proxy_subscribe_url: str = _field("", help="backend URL that decides client subscribes "
+                                               "(namespaces may override it)")
+    proxy_publish_url: str = _field("", help="backend URL that decides, and may rewrite, "
+                                             "client publishes (namespaces may override it)")
+    proxy_headers: str = _field("", help="comma-separated request headers forwarded to the "
+                                         "backend proxy, e.g. Cookie,Authorization")
+    proxy_timeout: float = _field(3.0, help="seconds a backend proxy call may take before "
+                                            "the client is answered unavailable")
+
     namespaces: dict[str, NamespaceConfig] = dataclasses.field(
         default_factory=dict, metadata={"file_only": True})
 
@@ -202,7 +228,7 @@ class Config:
             raise ConfigError("max_connections must be 0 (no cap of its own) or more")
         for name in ("history_ttl", "presence_ttl", "idempotency_ttl", "drain_timeout",
                      "ping_interval", "ping_timeout", "events_per_second", "header_timeout",
-                     "idle_timeout"):
+                     "idle_timeout", "proxy_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.log_level.lower() not in LOG_LEVELS:
@@ -227,6 +253,9 @@ class Config:
             raise ConfigError("jwt_jwks_url must be an http:// or https:// URL")
         if any(not key or key != key.strip() for key in self.api_keys):
             raise ConfigError("api_keys must be non-empty, without surrounding spaces")
+        for name in ("proxy_connect_url", "proxy_subscribe_url", "proxy_publish_url"):
+            if not _is_proxy_url(getattr(self, name)):
+                raise ConfigError(f"{name} must be an http:// or https:// URL")
         try:
             self.trusted_proxy_networks  # noqa: B018 - parsing is the check
         except ValueError as exc:
@@ -264,6 +293,11 @@ class Config:
     def allowed_host_names(self) -> frozenset[str]:
         """Host header values (without port) the node answers; empty: any."""
         return frozenset(host.lower() for host in _split(self.allowed_hosts))
+
+    @property
+    def proxy_header_names(self) -> tuple[str, ...]:
+        """The request headers forwarded to the backend proxy, lower-case."""
+        return tuple(dict.fromkeys(name.lower() for name in _split(self.proxy_headers)))
 
     @property
     def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 from .auth import Authenticator, Identity, create_authenticator
 from .broker.base import PublishRequest, StreamPosition
 from .channels import validate_channel
-from .errors import BadRequest, InternalError, RateLimited, RealtimeError
+from .errors import BadRequest, Forbidden, InternalError, RateLimited, RealtimeError
 from .node import Node
 from .payloads import check_idempotency_key
+from .proxy import BackendProxy, create_proxy_authenticator
 from .session import error_ack
 
 if TYPE_CHECKING:
@@ -41,7 +42,17 @@ class ClientProtocol:
         config = node.config
         self.max_subscriptions = config.max_subscriptions
         self.max_connections_per_user = config.max_connections_per_user
-        self.authenticator = authenticator or create_authenticator(config)
+        # The backend proxy (realtime/proxy.py), when the configuration names a backend.
+        self.proxy = BackendProxy.from_config(config)
+        self.authenticator = authenticator or (
+            create_proxy_authenticator(config, self.proxy)
+            if self.proxy is not None and config.proxy_connect_url
+            else create_authenticator(config))
+        # Headers a session keeps after connect: those the subscribe/publish backends get.
+        self.kept_headers = self.proxy.header_names if self.proxy is not None and (
+            config.proxy_subscribe_url or config.proxy_publish_url or any(
+                namespace.proxy_subscribe_url or namespace.proxy_publish_url
+                for namespace in config.namespaces.values())) else ()
         self._handlers: dict[str, Callable[[Session, dict], Ack]] = {
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
@@ -137,6 +148,10 @@ class ClientProtocol:
         self.policy.check_subscribe(session.user, session.identity, channel)
         if channel not in session.channels and len(session.channels) >= self.max_subscriptions:
             raise RateLimited(f"at most {self.max_subscriptions} subscriptions per connection")
+        if self.proxy is not None and channel not in session.channels \
+                and self.proxy.subscribe_url(channel):
+            # Last, after the local rules: the backend is asked only about what they allow.
+            self.proxy.subscribe(session, channel)
         return self.node.subscribe(session, channel, since).to_dict()
 
     def _unsubscribe(self, session: Session, payload: dict) -> Ack:
@@ -157,20 +172,32 @@ class ClientProtocol:
         idempotency_key = check_idempotency_key(payload.get("idempotency_key"))
         self.policy.check_publish(session.user, session.identity, channel,
                                   channel in session.channels)
-        return PublishRequest(channel, payload["data"], session.user, idempotency_key)
+        data = payload["data"]
+        if self.proxy is not None and self.proxy.publish_url(channel):
+            data = self.proxy.publish(session, channel, data)
+        return PublishRequest(channel, data, session.user, idempotency_key)
 
     def _history(self, session: Session, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))
         limit = parse_limit(payload.get("limit"))
-        self.policy.check_subscribe(session.user, session.identity, channel)
+        self._check_read(session, channel)
         result = self.node.history(channel, limit)
         return {"epoch": result.position.epoch, "offset": result.position.offset,
                 "publications": [p.to_event() for p in result.publications]}
 
     def _presence(self, session: Session, payload: dict) -> Ack:
         channel = validate_channel(payload.get("channel"))
-        self.policy.check_subscribe(session.user, session.identity, channel)
+        self._check_read(session, channel)
         return {"members": [m.to_dict() for m in self.node.presence(channel)]}
+
+    def _check_read(self, session: Session, channel: str) -> None:
+        """Raise Forbidden unless ``session`` may read ``channel``'s history and presence:
+        the subscribe rules, and, where a backend decides subscribes, a subscription it
+        allowed (asking it on every read would cost a call per read)."""
+        self.policy.check_subscribe(session.user, session.identity, channel)
+        if self.proxy is not None and channel not in session.channels \
+                and self.proxy.subscribe_url(channel):
+            raise Forbidden("a backend decides who may read this channel: subscribe first")
 
     def _refresh(self, session: Session, payload: dict) -> Ack:
         """A fresh token before the current one expires: the session lives on until its exp."""

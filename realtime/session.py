@@ -117,8 +117,13 @@ class RequestContext:
         return cls(sys.intern(peer), sys.intern(origin) if origin else None, headers,
                    parse_query(environ.get("QUERY_STRING", "")))
 
-    def after_connect(self) -> RequestContext:
-        """What the session keeps once connected: the peer and the origin."""
+    def after_connect(self, keep_headers: tuple[str, ...] = ()) -> RequestContext:
+        """What the session keeps once connected: the peer, the origin, and the headers named
+        in ``keep_headers`` (those the backend proxy forwards on subscribe and publish)."""
+        if keep_headers:
+            kept = {name: self.headers[name] for name in keep_headers if name in self.headers}
+            if kept:
+                return RequestContext(self.peer, self.origin, kept)
         return RequestContext(self.peer, self.origin)
 
 
@@ -387,7 +392,7 @@ class Session:
                     logger.info("connect of %r refused: %s", self, exc.message,
                                 extra={"sid": self.sid, "code": exc.code})
                 return
-            self.request = self.request.after_connect()
+            self.request = self.request.after_connect(self.engine.protocol.kept_headers)
             self.opened_at = 0.0  # only the connect timeout needed it: a shared constant now
             if self.engine.log_connections:
                 connections_logger.info(
