@@ -18,7 +18,7 @@ from .backends import create_broker, create_presence_store
 from .config import Config
 from .engineio import PATH as ENGINEIO_PATH
 from .engineio import EngineServer, host_allowed
-from .http_api import create_api_blueprint, register_error_handlers
+from .http_api import FastRoutes, api_body_limit, create_api_blueprint, register_error_handlers
 from .node import Node
 from .protocol import ClientProtocol
 from .resources import CLIENT_BUNDLE, pages_dir
@@ -36,6 +36,7 @@ class Realtime:
     engine: EngineServer
     node: Node
     config: Config
+    fast_routes: FastRoutes
 
     def start(self) -> None:
         if not self.config.jwt_configured and not self.config.proxy_connect_url:
@@ -51,7 +52,8 @@ class Realtime:
         self.node.stop()
 
     def wsgi(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
-        """The node's WSGI application: Engine.IO under /socket.io/, Flask for the rest.
+        """The node's WSGI application: Engine.IO under /socket.io/, the HTTP API's hot
+        routes (:class:`~realtime.http_api.FastRoutes`), Flask for the rest.
 
         WebSocket upgrades need the raw socket, which WSGI does not give:
         :class:`realtime.server.RealtimeHandler` hands them to ``engine`` before this runs.
@@ -64,6 +66,8 @@ class Realtime:
             return [body]
         if environ.get("PATH_INFO", "").rstrip("/") == ENGINEIO_PATH:
             return self.engine.handle_http(environ, start_response)
+        if self.fast_routes.serves(environ):
+            return self.fast_routes(environ, start_response)
         return self.app(environ, start_response)
 
 
@@ -74,14 +78,14 @@ def create_app(config: Config | None = None) -> Realtime:
     """
     config = config or Config.load()
     app = Flask(__name__, static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = 2 * config.max_message_size + config.frame_overhead
+    app.config["MAX_CONTENT_LENGTH"] = api_body_limit(config)
     app.json.sort_keys = False
     node = Node(config, create_broker(config), create_presence_store(config))
     engine = EngineServer(config, ClientProtocol(node))
     app.register_blueprint(create_api_blueprint(node, config))
     register_error_handlers(app, node.counters)
     _register_pages(app, node, Path(config.static_dir) if config.static_dir else pages_dir())
-    return Realtime(app, engine, node, config)
+    return Realtime(app, engine, node, config, FastRoutes(node, config))
 
 
 def _register_pages(app: Flask, node: Node, static_dir: Path) -> None:

@@ -1,8 +1,10 @@
 """Publish to realtime from any Python process: Celery workers, Django or Flask apps, scripts.
 
->>> from realtime.emitter import Emitter
+>>> from realtime.emitter import Emitter, PublishRequest
 >>> emitter = Emitter("redis://127.0.0.1:6379/0")
 >>> emitter.publish("user:alice", {"title": "Your order shipped"})
+>>> emitter.publish_many([PublishRequest("user:bob", {"title": "Hi"}),
+...                       PublishRequest("user:carol", {"title": "Hi"})])
 
 The emitter writes to the same Redis as the nodes with the same Lua script as ``POST
 /api/publish``: same offsets, same history, no HTTP hop. It needs neither gevent nor a running
@@ -12,14 +14,15 @@ node in the caller's process, and is safe to share between threads.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
-from .broker.base import HistoryOptions, StreamPosition
+from .broker.base import HistoryOptions, PublishRequest, StreamPosition
 from .broker.redis_streams import RedisStreams
 from .channels import ChannelPolicy, validate_channel
 from .config import Config
 from .control import encode_control
-from .errors import BadRequest
+from .errors import BadRequest, RealtimeError
 from .payloads import check_idempotency_key, check_publication_data
 from .redis_support import (
     CONTROL_CHANNEL,
@@ -27,6 +30,9 @@ from .redis_support import (
     create_client,
     translate_redis_errors,
 )
+
+# PublishRequest is re-exported: it is what publish_many takes.
+__all__ = ["Emitter", "PublishRequest"]
 
 
 class Emitter:
@@ -73,6 +79,36 @@ class Emitter:
         history = self._checked(channel, data)
         return self._streams.publish(channel, data, None, history,
                                      check_idempotency_key(idempotency_key))
+
+    def publish_many(self, requests: Sequence[PublishRequest],
+                     ) -> list[StreamPosition | RealtimeError]:
+        """Make ``requests`` (``PublishRequest(channel, data, idempotency_key=...)``) in order,
+        pipelined: one round trip to Redis (one per history setting when the channels'
+        namespaces keep different histories).
+
+        Each request gets its position or the error that refused it, in order, and one's
+        failure does not stop the others: ``BadRequest``/``TooLarge`` for bad input,
+        ``Unavailable`` when Redis failed. Idempotency keys work as in :meth:`publish`. A
+        request's ``user`` is the publication's ``user`` (None, as :meth:`publish` sends, for
+        a backend).
+        """
+        results: list[StreamPosition | RealtimeError | None] = [None] * len(requests)
+        groups: dict[HistoryOptions, tuple[list[PublishRequest], list[int]]] = {}
+        for slot, request in enumerate(requests):
+            try:
+                history = self._checked(request.channel, request.data)
+                check_idempotency_key(request.idempotency_key)
+            except RealtimeError as exc:
+                results[slot] = exc
+                continue
+            accepted, slots = groups.setdefault(history, ([], []))
+            accepted.append(request)
+            slots.append(slot)
+        for history, (accepted, slots) in groups.items():
+            for slot, result in zip(slots, self._streams.publish_many(accepted, history),
+                                    strict=True):
+                results[slot] = result
+        return results  # type: ignore[return-value]  # every slot is filled by now
 
     def broadcast(self, channels: list[str], data: Any, *,
                   idempotency_key: str | None = None) -> list[tuple[str, StreamPosition]]:

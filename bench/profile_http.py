@@ -1,0 +1,106 @@
+"""Profile one node's HTTP API under keep-alive load with py-spy (issue 12's "measure first").
+
+    .venv/bin/python bench/profile_http.py --out /tmp/publish.svg [--path /api/publish]
+        [--connections 16] [--duration 10] [--batch 0]
+
+Starts a throw-away redis-server and one node on it (``--broker redis://...``), POSTs ~100-byte
+publications to ``--path`` from ``--connections`` keep-alive connections as fast as they go
+for ``--duration`` s (``--batch N``: /api/batch bodies of N publish commands), records the node
+with ``py-spy record`` meanwhile, and prints publications/s and the node's CPU per
+publication. The flame graph (or ``--format raw`` text for a speedscope/flamegraph.pl) is in
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen import HttpClient
+from realtime_dev.processes import NodeProcess, RedisProcess
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks
+
+
+async def _load(port: int, path: str, connections: int, duration: float,
+                batch: int) -> tuple[int, int]:
+    clients = [await HttpClient.open("127.0.0.1", port) for _ in range(connections)]
+    done, errors = 0, 0
+    deadline = time.monotonic() + duration
+
+    def body(i: int) -> bytes:
+        publication = {"channel": f"user:u{i % 1000}", "data": {"n": i, "pad": "x" * 80}}
+        if not batch:
+            return json.dumps(publication).encode()
+        return json.dumps({"commands": [{"method": "publish", "params": publication}
+                                        for _ in range(batch)]}).encode()
+
+    async def lane(client: HttpClient, lane_id: int) -> None:
+        nonlocal done, errors
+        i = lane_id
+        while time.monotonic() < deadline:
+            status, _ = await client.post(path, body(i))
+            if status == 200:
+                done += batch or 1
+            else:
+                errors += 1
+            i += connections
+
+    await asyncio.gather(*(lane(client, n) for n, client in enumerate(clients)))
+    for client in clients:
+        client.close()
+    return done, errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--format", default="flamegraph", choices=["flamegraph", "raw",
+                                                                   "speedscope"])
+    parser.add_argument("--path", default="/api/publish")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--batch", type=int, default=0)
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args()
+    path = "/api/batch" if args.batch else args.path
+    with tempfile.TemporaryDirectory() as scratch:
+        logs = Path(scratch)
+        redis = RedisProcess(logs).wait_ready()
+        node = NodeProcess(logs, "p1", "--broker", redis.url)
+        spy = None
+        try:
+            node.wait_ready()
+            if not args.no_profile:
+                spy = subprocess.Popen([shutil.which("py-spy") or str(
+                    Path(sys.executable).parent / "py-spy"), "record", "--pid", str(node.pid),
+                    "--rate", "200", "--format", args.format, "-o", args.out,
+                    "--duration", str(int(args.duration)), "--nonblocking"])
+            before, began = _cpu_seconds(node.pid), time.monotonic()
+            done, errors = asyncio.run(_load(node.port, path, args.connections, args.duration,
+                                             args.batch))
+            wall, cpu = time.monotonic() - began, _cpu_seconds(node.pid) - before
+            print(f"{path}: {done / wall:,.0f} publications/s, {errors} errors, node CPU "
+                  f"{cpu / wall * 100:.0f}%, {cpu / max(done, 1) * 1e6:.0f} µs CPU per "
+                  f"publication")
+            if spy is not None:
+                spy.wait(60)
+        finally:
+            node.stop()
+            redis.stop()
+
+
+if __name__ == "__main__":
+    main()
