@@ -17,7 +17,8 @@ and from any Python process with the same environment::
 
     from tasks import notify_user, notify_users
     notify_user.delay("alice", {"title": "Your order shipped", "order": 42})
-    notify_users.delay(["alice", "bob"], {"title": "Maintenance at 22:00"})
+    notify_users.delay([{"user": "alice", "data": {"title": "Maintenance at 22:00"}},
+                        {"user": "bob", "data": {"title": "Your invoice", "amount": 12}}])
 
 A client connected as ``alice`` and subscribed to ``user:alice`` receives the ``message``
 ``{channel: "user:alice", offset, data: {...}, user: null}``.
@@ -38,8 +39,8 @@ from celery import Celery
 from celery.signals import worker_process_shutdown
 
 from realtime.config import Config
-from realtime.emitter import Emitter
-from realtime.errors import Unavailable
+from realtime.emitter import Emitter, PublishRequest
+from realtime.errors import RealtimeError, Unavailable
 
 # Celery finds the app under this name (`celery -A tasks`): its idiom is a module-level app.
 app = Celery(
@@ -85,14 +86,24 @@ def notify_user(self, user: str, data: Any) -> dict:
     return {"channel": f"user:{user}", "epoch": position.epoch, "offset": position.offset}
 
 
-@app.task(bind=True, autoretry_for=(Unavailable,), retry_backoff=True, max_retries=5)
-def notify_users(self, users: list[str], data: Any) -> list[dict]:
-    """Publish the same ``data`` on ``user:<id>`` of every user in ``users``, in order.
+@app.task(bind=True, retry_backoff=True, max_retries=5)
+def notify_users(self, notifications: list[dict]) -> list[dict]:
+    """Publish a batch of ``{user, data}`` notifications in one round trip to Redis.
 
-    Idempotent per channel like :func:`notify_user` (``broadcast`` applies the key per
-    channel), so a retry after a partial failure only reaches the users that were missed.
+    Returns, in order, ``{channel, epoch, offset}`` per notification, or ``{channel, error:
+    {code, message}}`` for one that was refused (bad data, too large): one bad notification
+    does not stop the others. When Redis was unavailable for some, the whole task is retried
+    with back-off; each notification's idempotency key (the task id and its index) makes the
+    retry publish only those that were missed.
     """
-    channels = [f"user:{user}" for user in users]
-    results = emitter().broadcast(channels, data, idempotency_key=self.request.id)
-    return [{"channel": channel, "epoch": position.epoch, "offset": position.offset}
-            for channel, position in results]
+    channels = [f"user:{item['user']}" for item in notifications]
+    batch = [PublishRequest(channel, item["data"], idempotency_key=f"{self.request.id}:{index}")
+             for index, (channel, item) in enumerate(zip(channels, notifications, strict=True))]
+    results = emitter().publish_many(batch)
+    unavailable = [result for result in results if isinstance(result, Unavailable)]
+    if unavailable:
+        raise self.retry(exc=unavailable[0], countdown=2 ** self.request.retries)
+    return [{"channel": channel, "error": result.to_dict()}
+            if isinstance(result, RealtimeError)
+            else {"channel": channel, "epoch": result.epoch, "offset": result.offset}
+            for channel, result in zip(channels, results, strict=True)]
