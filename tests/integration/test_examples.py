@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import socketio
 from celery import Celery
 
 from realtime_dev.processes import (
@@ -102,7 +103,8 @@ def examples(tmp_path_factory) -> Iterator[Examples]:
              "REALTIME_REDIS_URL": redis.url})
         started.append(worker)
         node = NodeProcess(logs, "examples", "--broker", redis.url, "--api-key", API_KEY,
-                           port=node_port)
+                           "--proxy-connect-url", app_url + "/realtime/connect",
+                           "--proxy-headers", "Cookie", port=node_port)
         started.append(node)
 
         node.wait_ready()
@@ -128,12 +130,15 @@ def _login(examples: Examples, user: str) -> requests.Session:
     return browser
 
 
-def _connect(examples: Examples, browser: requests.Session, user: str) -> RecordingClient:
-    """A Socket.IO client sending the browser's cookies to the node, as a browser does."""
+def _connect(examples: Examples, browser: requests.Session) -> RecordingClient:
+    """A Socket.IO client sending the browser's cookies to the node, as a browser does.
+
+    It says nothing of who it is (no ``auth``): the node asks the Flask app.
+    """
     client = RecordingClient()
     cookie = "; ".join(f"{name}={value}" for name, value in browser.cookies.items())
     client.connect(examples.node.url, transports=["websocket"], headers={"Cookie": cookie},
-                   auth={"user": user}, wait_timeout=10)
+                   wait_timeout=10)
     return client
 
 
@@ -148,7 +153,7 @@ def connected(examples):
 
     def connect(user: str) -> tuple[requests.Session, RecordingClient]:
         browser = _login(examples, user)
-        client = _connect(examples, browser, user)
+        client = _connect(examples, browser)
         made.append(client)
         return browser, client
 
@@ -180,6 +185,29 @@ def test_flask_app_without_the_api_key_is_refused_by_the_node(examples):
     assert answer.status_code == 401
 
 
+def test_flask_app_session_cookie_decides_who_connects_through_the_connect_proxy(
+        examples, connected):
+    _, frank = connected("frank")
+
+    # The node took the user from the app's answer: frank's personal channel is his, and
+    # another user's is not (namespace `user` is `owner`: only user <id> subscribes).
+    assert _subscribe(frank, "user:frank")["ok"]
+    refused = _subscribe(frank, "user:alice")
+    assert refused["ok"] is False and refused["error"]["code"] == "forbidden"
+
+
+@pytest.mark.parametrize("cookie", [None, "session=forged.cookie.value"])
+def test_flask_app_refuses_connections_without_a_valid_session_cookie(examples, cookie):
+    client = RecordingClient()
+    errors = []
+    client.on("connect_error", lambda data: errors.append(data))
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        client.connect(examples.node.url, transports=["websocket"], wait_timeout=10,
+                       headers={"Cookie": cookie} if cookie else {},
+                       auth={"user": "alice"})  # claims are worth nothing: the app decides
+    assert [error["message"] for error in errors] == ["unauthorized"]
+
+
 def test_celery_task_notifies_a_user_through_the_emitter(examples, connected):
     _, carol = connected("carol")
     assert _subscribe(carol, "user:carol")["ok"]
@@ -198,13 +226,21 @@ def test_celery_batch_task_notifies_every_user_of_the_batch(examples, connected)
     for client, user in ((dave, "dave"), (erin, "erin")):
         assert _subscribe(client, f"user:{user}")["ok"]
 
-    result = examples.celery.send_task("tasks.notify_users",
-                                       [["dave", "erin"], {"title": "maintenance"}])
+    result = examples.celery.send_task("tasks.notify_users", [[
+        {"user": "dave", "data": {"title": "maintenance"}},
+        {"user": "not a user id", "data": {"title": "lost"}},  # refused alone
+        {"user": "erin", "data": {"title": "invoice", "amount": 12}},
+    ]])
 
-    assert [item["channel"] for item in result.get(timeout=20)] == ["user:dave", "user:erin"]
-    for client, user in ((dave, "dave"), (erin, "erin")):
-        (message,) = client.wait_messages(f"user:{user}", 1, timeout=20)
-        assert message["data"] == {"title": "maintenance"}
+    replies = result.get(timeout=20)
+    assert [reply["channel"] for reply in replies] == ["user:dave", "user:not a user id",
+                                                       "user:erin"]
+    assert replies[1]["error"]["code"] == "bad_request"
+    (to_dave,) = dave.wait_messages("user:dave", 1, timeout=20)
+    (to_erin,) = erin.wait_messages("user:erin", 1, timeout=20)
+    assert (to_dave["data"], to_erin["data"]) == ({"title": "maintenance"},
+                                                  {"title": "invoice", "amount": 12})
+    assert (to_dave["offset"], to_erin["offset"]) == (replies[0]["offset"], replies[2]["offset"])
 
 
 def _signed_post(examples: Examples, batch: dict,
