@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flask import Flask, abort, send_from_directory
 
-from .backends import create_broker, create_presence_store
+from .backends import create_broker, create_presence_store, create_transition_store
 from .config import Config
 from .engineio import PATH as ENGINEIO_PATH
 from .engineio import EngineServer, host_allowed
@@ -22,6 +22,7 @@ from .http_api import FastRoutes, api_body_limit, create_api_blueprint, register
 from .node import Node
 from .protocol import ClientProtocol
 from .resources import CLIENT_BUNDLE, pages_dir
+from .webhooks.service import Webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def create_app(config: Config | None = None) -> Realtime:
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = api_body_limit(config)
     app.json.sort_keys = False
-    node = Node(config, create_broker(config), create_presence_store(config))
+    webhooks = Webhooks(config, create_transition_store(config)) if config.webhook_urls else None
+    node = Node(config, create_broker(config), create_presence_store(config), webhooks)
     engine = EngineServer(config, ClientProtocol(node))
     app.register_blueprint(create_api_blueprint(node, config))
     register_error_handlers(app, node.counters)

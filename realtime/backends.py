@@ -12,9 +12,13 @@ from .config import Config, ConfigError
 from .presence.base import PresenceStore
 from .presence.memory import MemoryPresenceStore
 from .presence.redis import RedisPresenceStore
+from .webhooks.base import TransitionStore
+from .webhooks.memory import MemoryTransitionStore
+from .webhooks.redis import RedisTransitionStore
 
 BrokerFactory = Callable[[str, Config], Broker]
 PresenceFactory = Callable[[str, Config], PresenceStore]
+TransitionFactory = Callable[[str, Config], TransitionStore]
 
 _BROKERS: dict[str, BrokerFactory] = {
     "memory": lambda url, config: MemoryBroker(idempotency_ttl=config.idempotency_ttl),
@@ -23,6 +27,12 @@ _BROKERS: dict[str, BrokerFactory] = {
 _PRESENCE_STORES: dict[str, PresenceFactory] = {
     "memory": lambda url, config: MemoryPresenceStore(),
     "redis": lambda url, config: RedisPresenceStore(url, ttl=config.presence_ttl),
+}
+
+_TRANSITION_STORES: dict[str, TransitionFactory] = {
+    "memory": lambda url, config: MemoryTransitionStore(grace=config.offline_grace),
+    "redis": lambda url, config: RedisTransitionStore(url, ttl=config.presence_ttl,
+                                                      grace=config.offline_grace),
 }
 
 
@@ -35,6 +45,12 @@ def create_presence_store(config: Config) -> PresenceStore:
     """The presence store named by ``config.presence_url`` (the broker URL by default)."""
     url = config.presence_url
     return _pick(_PRESENCE_STORES, url, "presence store")(url, config)
+
+
+def create_transition_store(config: Config) -> TransitionStore:
+    """The webhook transition store, next to presence (``config.presence_url``)."""
+    url = config.presence_url
+    return _pick(_TRANSITION_STORES, url, "presence store")(url, config)
 
 
 def _pick(factories: dict, url: str, what: str) -> Callable:

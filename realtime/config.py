@@ -4,7 +4,7 @@ Each layer overrides the one before it. Every field ``x`` has the environment va
 ``REALTIME_X`` and the CLI flag ``--x`` (underscores become dashes), so the three stay in step by
 construction rather than by hand. In the TOML file, fields of the ``auth`` and ``limits``
 sections go in ``[auth]`` and ``[limits]`` tables (or at the top level, like every other
-field), and channel namespaces in ``[namespaces.<name>]`` tables (file only).
+field; ``webhooks`` too), and channel namespaces in ``[namespaces.<name>]`` tables (file only).
 
 Secrets (the JWT secrets, the API keys) can also come from a file, so that they stay off the
 command line: ``--jwt-secret-file``, ``REALTIME_JWT_SECRET_FILE``, ``jwt_secret_file = ...``.
@@ -28,7 +28,7 @@ NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.@-]{1,100}")
 FRAME_OVERHEAD = 16 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
-SECTIONS = ("auth", "limits")
+SECTIONS = ("auth", "limits", "webhooks")
 MIN_HMAC_SECRET = 32
 SUBSCRIBE_RULES = ("anyone", "authenticated", "granted", "owner")
 PUBLISH_RULES = ("anyone", "subscribers", "authenticated", "server")
@@ -208,6 +208,17 @@ class Config:
     proxy_timeout: float = _field(3.0, help="seconds a backend proxy call may take before "
                                             "the client is answered unavailable")
 
+    webhook_urls: list[str] = _field(  # noqa: RUF009 - _field returns a dataclasses.Field
+        default_factory=list, section="webhooks", flag="--webhook-url",
+        help="URL that webhook events are POSTed to (repeatable; REALTIME_WEBHOOK_URLS: "
+             "comma-separated); none: no webhooks")
+    webhook_secret: str = _field("", section="webhooks", secret=True,
+                                 help="secret the X-Realtime-Signature HMAC-SHA256 of every "
+                                      "webhook body is made with (needed with a webhook URL)")
+    offline_grace: float = _field(5.0, section="webhooks",
+                                  help="seconds a user has no connection before user_offline "
+                                       "is sent (a page reload is not an offline)")
+
     namespaces: dict[str, NamespaceConfig] = dataclasses.field(
         default_factory=dict, metadata={"file_only": True})
 
@@ -256,6 +267,7 @@ class Config:
         for name in ("proxy_connect_url", "proxy_subscribe_url", "proxy_publish_url"):
             if not _is_proxy_url(getattr(self, name)):
                 raise ConfigError(f"{name} must be an http:// or https:// URL")
+        self._validate_webhooks()
         try:
             self.trusted_proxy_networks  # noqa: B018 - parsing is the check
         except ValueError as exc:
@@ -264,6 +276,16 @@ class Config:
             if name and not NAMESPACE_RE.fullmatch(name):
                 raise ConfigError(f"namespace name {name!r} must match [A-Za-z0-9_.@-]{{1,100}}")
             namespace.validate(name)
+
+    def _validate_webhooks(self) -> None:
+        for url in self.webhook_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"webhook_urls: {url!r} is not an http:// or https:// URL")
+        if self.webhook_urls and not self.webhook_secret:
+            # An unsigned webhook could be forged by anyone who can reach the receiver.
+            raise ConfigError("webhook_urls need webhook_secret (webhook_secret_file)")
+        if self.offline_grace < 0:
+            raise ConfigError("offline_grace must be 0 or more seconds")
 
     @property
     def frame_overhead(self) -> int:

@@ -138,6 +138,15 @@ class Hub:
                 if parts == 1 or hash(c.client_id) % parts == part
                 for channel in c.channels]
 
+    def webhook_entries(self, part: int = 0, parts: int = 1,
+                        ) -> tuple[list[str], list[tuple[str, str]]]:
+        """This node's live client ids and ``(channel, client_id)`` subscriptions, for webhook
+        refreshes: of the sessions of slice ``part`` of ``parts``, as :meth:`presence_entries`."""
+        sessions = [c for c in self._sessions.values()
+                    if parts == 1 or hash(c.client_id) % parts == part]
+        return ([c.client_id for c in sessions],
+                [(channel, c.client_id) for c in sessions for channel in c.channels])
+
     # -- subscriptions -----------------------------------------------------------------------
 
     def add_subscriber(self, session: Subscriber, channel: str) -> Subscribed:

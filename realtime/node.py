@@ -36,6 +36,7 @@ from .hub import Hub, Subscribed, Subscriber
 from .metrics import Metrics, merge_stats
 from .payloads import check_publication_data
 from .presence.base import PresenceMember, PresenceStore
+from .webhooks.service import Webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,11 @@ class _Survey:
 class Node:
     """One realtime node. Create, :meth:`start`, serve, :meth:`stop`."""
 
-    def __init__(self, config: Config, broker: Broker, presence: PresenceStore) -> None:
+    def __init__(self, config: Config, broker: Broker, presence: PresenceStore,
+                 webhooks: Webhooks | None = None) -> None:
         self.config = config
+        # None without webhook URLs: then the node records no transitions at all.
+        self.webhooks = webhooks
         self.node_id = config.node_id
         self.broker = broker
         self.presence_store = presence
@@ -122,11 +126,15 @@ class Node:
         self.broker.start(self)
         self._running = True
         self._tasks.append(gevent.spawn(self._heartbeat_loop))
+        if self.webhooks is not None:
+            self.webhooks.start()
 
     def stop(self) -> None:
         self._running = False
         gevent.killall(self._tasks)
         self._tasks.clear()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         self.continuity.close()
         self.broker.close()
         self.presence_store.close()
@@ -139,6 +147,8 @@ class Node:
 
     def connect(self, session: Subscriber) -> None:
         self.hub.add_session(session)
+        if self.webhooks is not None:
+            self.webhooks.connected(session.client_id, session.user)
 
     def disconnect(self, session: Subscriber) -> None:
         """Forget a session that went away: its subscriptions and presence go with it."""
@@ -149,6 +159,8 @@ class Node:
                 logger.warning("cleanup of %s in %s failed: %s", session, channel, exc,
                                extra={"user": session.user, "channel": channel,
                                       "code": exc.code})
+        if self.webhooks is not None:
+            self.webhooks.disconnected(session.client_id)
 
     # -- subscriptions -----------------------------------------------------------------------
 
@@ -174,6 +186,8 @@ class Node:
             first = rules.presence and self.presence_store.add(
                 channel, session.client_id, session.user,
                 identity.info if identity is not None else None)
+            if first and self.webhooks is not None:
+                self.webhooks.member_added(channel, session.user)
             if first and rules.join_leave:
                 self.broker.publish_join(channel, session.user)
         except Exception:
@@ -184,6 +198,8 @@ class Node:
             # broker; its cleanup ran before the presence entry above existed.
             self._leave_presence(session, channel)
             return result
+        if self.webhooks is not None:
+            self.webhooks.occupied(channel, session.client_id)
         position = result.position
         session.after_reply(lambda: self.continuity.subscribed(session, channel, position))
         return result
@@ -195,13 +211,18 @@ class Node:
 
     def _leave(self, session: Subscriber, channel: str) -> None:
         self._unsubscribe_locally(session, channel)
+        if self.webhooks is not None:
+            self.webhooks.vacated(channel, session.client_id)
         self._leave_presence(session, channel)
 
     def _leave_presence(self, session: Subscriber, channel: str) -> None:
         rules = self.channels.rules(channel)
         if rules.presence and self.presence_store.remove(channel, session.client_id,
-                                                         session.user) and rules.join_leave:
-            self.broker.publish_leave(channel, session.user)
+                                                         session.user):
+            if self.webhooks is not None:
+                self.webhooks.member_removed(channel, session.user)
+            if rules.join_leave:
+                self.broker.publish_leave(channel, session.user)
 
     def _unsubscribe_locally(self, session: Subscriber, channel: str) -> None:
         _, last_on_node = self.hub.remove_subscriber(session, channel)
@@ -386,6 +407,8 @@ class Node:
         slices = max(1, int(self.config.presence_ttl / 3 / HEARTBEAT_INTERVAL))
         beat = 0
         while self._running:
+            if self.webhooks is not None:  # never raises: it logs its own failures
+                self.webhooks.heartbeat(*self.hub.webhook_entries(beat % slices, slices))
             try:
                 # One message per beat carries both the info and the stats of this node.
                 self._send_control("node", info=dataclasses.astuple(self.local_info()),
@@ -408,6 +431,8 @@ class Node:
     def _on_presence_expired(self, channel: str, users: list[str]) -> None:
         """The presence of ``users`` in ``channel`` expired (their node died): publish their
         leave, once for the whole deployment (the store reports each expiry once)."""
+        if self.webhooks is not None:
+            self.webhooks.members_expired(channel, users)
         if not self.channels.rules(channel).join_leave:
             return
         for user in users:

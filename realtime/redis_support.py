@@ -69,6 +69,20 @@ PRESENCE_DUE_KEY = KEY_PREFIX + ":presence:due"
 """Sorted set of the channels with presence entries, scored by their earliest expiry (ms)."""
 
 
+WEBHOOK_KEY_PREFIX = KEY_PREFIX + ":{webhooks}"
+
+
+def webhook_keys(prefix: str = WEBHOOK_KEY_PREFIX) -> tuple[str, ...]:
+    """Keys of the webhook transition store: connection expiries (zset client -> ms), their
+    users (hash client -> user), connection counts (hash user -> count), users in their
+    offline grace (zset user -> due ms), subscription expiries (zset "channel client" -> ms),
+    subscriber counts (hash channel -> count), the event queue (list of JSON), the event id
+    sequence, and the sender's lease. One hash tag: one Lua script may touch them all."""
+    return tuple(f"{prefix}:{name}" for name in (
+        "clients", "client_user", "users", "offline", "subs", "channels", "queue", "seq",
+        "lease"))
+
+
 def pubsub_channel(channel: str) -> str:
     return f"{KEY_PREFIX}:c:{channel}"
 

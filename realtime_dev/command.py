@@ -84,14 +84,17 @@ def run_cluster(args: argparse.Namespace, prog: str = "realtime") -> int:
 
 
 def node_auth_settings(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """The auth settings given to ``realtime cluster``, for every node: (flags, environment).
+    """The auth and webhook settings given to ``realtime cluster``, for every node: (flags,
+    environment).
 
-    Secrets travel in the nodes' environment (``REALTIME_JWT_SECRET``, ...), never on their
-    command lines, which any user of the machine can read.
+    Secrets travel in the nodes' environment (``REALTIME_JWT_SECRET``,
+    ``REALTIME_WEBHOOK_SECRET``, ...), never on their command lines, which any user of the
+    machine can read.
     """
     flags: list[str] = []
     env: dict[str, str] = {}
-    auth = {f.name: f for f in Config.fields() if f.metadata["section"] == "auth"}
+    auth = {f.name: f for f in Config.fields()
+            if f.metadata["section"] in ("auth", "webhooks")}
     for name, value in config_overrides(args).items():
         field = auth.get(name.removesuffix("_file"))
         if field is None:  # the cluster's own --host, --port, --log-level
@@ -101,6 +104,10 @@ def node_auth_settings(args: argparse.Namespace) -> tuple[list[str], dict[str, s
                 else str(value)
         elif value is True:
             flags.append("--" + name.replace("_", "-"))
+        elif isinstance(value, list):  # --webhook-url, repeated
+            flag = field.metadata["flag"] or "--" + name.replace("_", "-")
+            for item in value:
+                flags += [flag, str(item)]
         else:
             flags += ["--" + name.replace("_", "-"), str(value)]
     return flags, env
