@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS users (
     user TEXT PRIMARY KEY,
     online INTEGER NOT NULL,
-    changed_ms INTEGER NOT NULL,    -- time_ms of the event that set `online`
+    changed_ms INTEGER NOT NULL,    -- time_ms of the batch that set `online`
     last_offline_ms INTEGER
 );
 """
@@ -143,7 +143,9 @@ def record(db: sqlite3.Connection, event: dict[str, Any], time_ms: int) -> bool:
     user, name = event.get("user"), event.get("name")
     if name in ("user_online", "user_offline") and isinstance(user, str):
         online = int(name == "user_online")
-        # A retried batch may arrive after a newer one: an older event never undoes a newer.
+        # time_ms is when a node sent the batch. Batches come in order from one sender at a
+        # time, but a node that took the queue over may overlap a slow one: whatever was sent
+        # later wins, so a late, older batch never undoes a newer state.
         db.execute(
             "INSERT INTO users (user, online, changed_ms, last_offline_ms) "
             "VALUES (:user, :online, :time, CASE WHEN :online THEN NULL ELSE :time END) "

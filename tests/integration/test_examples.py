@@ -32,7 +32,7 @@ from realtime_dev.processes import (
     node_environment,
     wait_for,
 )
-from tests.helpers import REPO
+from tests.helpers import REPO, wait_until
 from tests.integration.clients import RecordingClient
 
 EXAMPLES = REPO / "examples"
@@ -40,7 +40,10 @@ API_KEY = "examples-" + uuid.uuid4().hex
 APP_SECRET = "app-" + uuid.uuid4().hex
 WEBHOOK_SECRET = "hooks-" + uuid.uuid4().hex
 # The Flask app's accounts: every test logs in as a user of its own.
-USERS = {name: "pw-" + name for name in ("alice", "bob", "carol", "dave", "erin", "frank")}
+USERS = {name: "pw-" + name
+         for name in ("alice", "bob", "carol", "dave", "erin", "frank", "henry")}
+# The node's --offline-grace: short, so that the test of user_offline does not wait long.
+OFFLINE_GRACE = 0.5
 
 
 @dataclass
@@ -104,7 +107,10 @@ def examples(tmp_path_factory) -> Iterator[Examples]:
         started.append(worker)
         node = NodeProcess(logs, "examples", "--broker", redis.url, "--api-key", API_KEY,
                            "--proxy-connect-url", app_url + "/realtime/connect",
-                           "--proxy-headers", "Cookie", port=node_port)
+                           "--proxy-headers", "Cookie",
+                           "--webhook-url", receiver_url + "/realtime/webhooks",
+                           "--offline-grace", str(OFFLINE_GRACE), port=node_port,
+                           env={"REALTIME_WEBHOOK_SECRET": WEBHOOK_SECRET})
         started.append(node)
 
         node.wait_ready()
@@ -276,3 +282,30 @@ def test_webhook_receiver_acts_once_on_an_event_delivered_twice(examples):
     assert [(event["name"], event["deliveries"]) for event in events] == [("user_offline", 2)]
     status = requests.get(f"{examples.receiver_url}/users/{user}", timeout=10).json()
     assert status["online"] is False and status["last_offline_ms"] == batch["time_ms"]
+
+
+def _user_status(examples: Examples, user: str) -> dict:
+    return requests.get(f"{examples.receiver_url}/users/{user}", timeout=10).json()
+
+
+def test_webhook_receiver_records_user_offline_once_the_users_last_connection_closes(examples):
+    browser = _login(examples, "henry")
+    tabs = [_connect(examples, browser), _connect(examples, browser)]
+    try:
+        wait_until(lambda: _user_status(examples, "henry")["online"], timeout=15,
+                   message="user_online of henry at the receiver")
+        for tab in tabs:
+            tab.disconnect()
+
+        status = wait_until(lambda: (found := _user_status(examples, "henry"))["online"] is False
+                            and found, timeout=15 + OFFLINE_GRACE,
+                            message="user_offline of henry at the receiver")
+    finally:
+        for tab in tabs:
+            tab.disconnect()
+
+    assert status["last_offline_ms"] is not None
+    events = requests.get(examples.receiver_url + "/events", params={"user": "henry"},
+                          timeout=10).json()["events"]
+    # Two tabs, one user: one online and one offline, whatever the order the tabs closed in.
+    assert [event["name"] for event in events] == ["user_online", "user_offline"]
