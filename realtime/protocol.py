@@ -174,6 +174,9 @@ class ClientProtocol:
                                   channel in session.channels)
         data = payload["data"]
         if self.proxy is not None and self.proxy.publish_url(channel):
+            # Oversize data is refused here rather than sent to the backend for nothing (what
+            # the backend answers is checked again when it is published).
+            self.node.check_data_size(channel, data)
             data = self.proxy.publish(session, channel, data)
         return PublishRequest(channel, data, session.user, idempotency_key)
 

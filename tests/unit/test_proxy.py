@@ -378,6 +378,19 @@ def test_rewritten_data_is_published_and_acks_keep_the_event_order(node_with_pro
     assert [p.data for p in history] == ["first!", 2]
 
 
+def test_oversize_data_is_refused_before_the_backend_and_after_a_rewrite(node_with_proxy,
+                                                                        backend):
+    backend.answer("connect", 200, {"user": "alice"})
+    client, _ = client_of(node_with_proxy)
+    limit = node_with_proxy.config.max_message_size
+    ack = client.emit("publish", {"channel": "room", "data": "x" * limit})
+    assert ack["error"]["code"] == "too_large" and backend.bodies("publish") == []
+    backend.answer("publish", 200, {"data": "y" * limit})
+    ack = client.emit("publish", {"channel": "room", "data": "small"})
+    assert ack["error"]["code"] == "too_large" and len(backend.bodies("publish")) == 1
+    assert node_with_proxy.node.history("room", None).publications == []
+
+
 def test_the_event_budget_applies_before_the_backend_is_called(node_with_proxy, backend):
     backend.answer("connect", 200, {"user": "alice"})
     client, _ = client_of(node_with_proxy)
