@@ -249,7 +249,16 @@ class _PipeConnection:
         self._waiting.extend(replies)
         self._outgoing.extend(commands)
         if not self._writing:
-            self._write_out()
+            # Yield once before writing: the greenlets the event loop has ready in this turn
+            # (say, HTTP publishes that arrived together) add their commands meanwhile, and
+            # one sendall carries them all; a send per command cost a publish a third of its
+            # CPU under load (bench/RESULTS.md, issue 12). The wait is one loop turn.
+            self._writing = True
+            try:
+                gevent.sleep(0)
+            finally:
+                self._writing = False
+                self._write_out()  # also when killed while yielding: others' commands wait
         return replies
 
     def _write_out(self) -> None:
