@@ -24,7 +24,7 @@ POST_TIMEOUT = 5.0
 # Seconds a sender holds the queue without renewing its lease; another node's sender takes
 # over after that (its node died). Longer than a POST and the longest back-off together, so
 # that a sender alive and retrying keeps the queue.
-LEASE = 15.0
+LEASE = 10.0
 # How often the sender looks at the queue when nothing woke it (events queued by another node).
 POLL_INTERVAL = 0.25
 RETRY_FIRST, RETRY_CEILING = 0.25, 5.0
