@@ -10,6 +10,9 @@ Every session, whatever its transport, connects through one :class:`Authenticato
   presence) and ``channels`` (names or ``prefix*`` patterns granted beyond the public ones).
   Without a token a client is refused, or with ``allow_anonymous`` connects as ``anon-<sid>``.
 
+A third, :class:`realtime.proxy.ProxyAuthenticator`, asks the app's backend instead when
+``proxy_connect_url`` is configured.
+
 A refused connect raises :class:`~realtime.errors.Unauthorized` (bad, expired or missing token)
 or :class:`~realtime.errors.Unavailable` (the JWKS endpoint cannot be reached); the session
 answers ``connect_error`` ``{message: <code>, data: {reason}}``.

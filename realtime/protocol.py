@@ -2,9 +2,10 @@
 
 Every session (:mod:`realtime.session`), whatever carries it, connects through
 :meth:`ClientProtocol.connect`, the one connect hook that decides who the client is (an
-:class:`~realtime.auth.Authenticator`), and hands every client event to
-:meth:`ClientProtocol.handle`, which parses, authorises (the channel's namespace rules,
-:mod:`realtime.channels`), calls the node and answers ``{ok: true, ...}`` or ``{ok: false,
+:class:`~realtime.auth.Authenticator`: tokens, or the connect backend of :mod:`realtime.proxy`),
+and hands every client event to :meth:`ClientProtocol.handle`, which parses, authorises (the
+channel's namespace rules, :mod:`realtime.channels`, then the namespace's subscribe or publish
+backend, if any), calls the node and answers ``{ok: true, ...}`` or ``{ok: false,
 error: {code, message}}``. Nothing a client sends can raise out of it.
 """
 

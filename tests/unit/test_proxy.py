@@ -234,11 +234,13 @@ def test_proxy_settings_are_validated_and_read_from_a_config_file(tmp_path):
 class _Backend(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
     delay = 0.0
+    padding = 0
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         time.sleep(self.delay)
-        answer = json.dumps({"port": self.client_address[1], "got": json.loads(body)}).encode()
+        answer = json.dumps({"port": self.client_address[1], "got": json.loads(body),
+                             "padding": "p" * self.padding}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))
@@ -265,6 +267,18 @@ def test_the_http_poster_keeps_its_connection_alive_between_calls(http_backend):
     answers = [json.loads(post(url, b'{"n": %d}' % n, 2.0)[1]) for n in range(3)]
     assert [a["got"] for a in answers] == [{"n": 0}, {"n": 1}, {"n": 2}]
     assert len({a["port"] for a in answers}) == 1  # one client port: one TCP connection
+
+
+def test_an_answer_over_the_limit_fails_and_leaves_nothing_for_the_next_call(http_backend,
+                                                                             monkeypatch):
+    post = HttpPoster()
+    url = f"http://127.0.0.1:{http_backend.server_port}/"
+    monkeypatch.setattr(_Backend, "padding", 2 * 1024 * 1024)
+    with pytest.raises(BackendFailure, match="over"):
+        post(url, b'{"n": 1}', 5.0)
+    monkeypatch.setattr(_Backend, "padding", 0)
+    status, raw = post(url, b'{"n": 2}', 5.0)
+    assert status == 200 and json.loads(raw)["got"] == {"n": 2}
 
 
 def test_the_http_poster_fails_on_a_slow_or_closed_backend(http_backend, monkeypatch):
