@@ -491,38 +491,55 @@ class Worker:
     async def op_publish_http(self, command_id: int, *, urls: list[list[Any]], channel: str,
                               users: int, rate: float, duration: float, pub_id: int,
                               size: int = 100, connections: int = 8, path: str = "/api/publish",
-                              ) -> dict[str, Any]:
+                              batch: int = 1) -> dict[str, Any]:
         """POST publications to ``urls`` (round robin), message i to ``channel`` of user i % users.
 
         ``rate`` 0 means as fast as ``connections`` keep-alive connections go. Sequence numbers
-        count per user, so that each subscriber sees 0, 1, 2...
+        count per user, so that each subscriber sees 0, 1, 2... ``batch`` > 1: each request is a
+        ``POST /api/batch`` of that many publish commands (``rate`` still counts publications).
         """
         clients = [await HttpClient.open(*urls[n % len(urls)], self.sources[n % len(self.sources)])
                    for n in range(connections)]
         stats = {"ok": 0, "errors": 0, "error_samples": {}}
         latencies: list[float] = []
 
-        def body(i: int) -> bytes:
+        def publication(i: int) -> dict[str, Any]:
             user = i % users
-            return json.dumps({"channel": channel.format(i=user),
-                               "data": payload(pub_id, i // users, size)},
-                              separators=(",", ":")).encode()
+            return {"channel": channel.format(i=user), "data": payload(pub_id, i // users, size)}
+
+        def body(i: int) -> bytes:
+            if batch <= 1:
+                return json.dumps(publication(i), separators=(",", ":")).encode()
+            return json.dumps({"commands": [
+                {"method": "publish", "params": publication(n)}
+                for n in range(i * batch, (i + 1) * batch)]}, separators=(",", ":")).encode()
 
         async def post(http: HttpClient, i: int) -> None:
             began = time.monotonic()
             try:
                 status, answer = await http.post(path, body(i))
-                if status == 200:
+                if status != 200:
+                    for _ in range(batch):
+                        _count_error(stats, f"HTTP {status}: {answer[:100]!r}")
+                elif batch <= 1:
                     stats["ok"] += 1
                 else:
-                    _count_error(stats, f"HTTP {status}: {answer[:100]!r}")
+                    for reply in json.loads(answer)["replies"]:
+                        if "result" in reply:
+                            stats["ok"] += 1
+                        else:
+                            _count_error(stats, f"batch reply {reply}")
             except Exception as exc:
-                _count_error(stats, f"{type(exc).__name__}: {exc}")
+                for _ in range(batch):
+                    _count_error(stats, f"{type(exc).__name__}: {exc}")
             latencies.append(time.monotonic() - began)
 
+        batch = max(1, batch)
         if rate > 0:
             sent, started, ended, worst = await self._paced_through_lanes(
-                command_id, rate, duration, [functools.partial(post, http) for http in clients])
+                command_id, rate / batch, duration,
+                [functools.partial(post, http) for http in clients])
+            sent *= batch
         else:
             counter = itertools.count()
             started = time.monotonic()
@@ -535,7 +552,7 @@ class Worker:
 
             await asyncio.gather(*(flat_out(c) for c in clients))
             ended = time.monotonic()
-            sent = next(counter)
+            sent = next(counter) * batch
         for http in clients:
             http.close()
         return _publish_summary(sent, stats, latencies, started, ended, worst)

@@ -33,7 +33,7 @@ def summarize(scenario: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any
                                    "subscribe_refusals": max(
                                        run["connect"].get("subscribe_refusals", 0)
                                        for run in good)}
-        for method in ("api", "emitter"):
+        for method in ("api", "emitter", "batch"):
             if method in good[0]:
                 summary[method] = {
                     kind: median_records([run[method][kind] for run in good if method in run])
@@ -251,7 +251,7 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     notify = summary("notify")
     if notify:
         bits = []
-        for method in ("api", "emitter"):
+        for method in ("api", "emitter", "batch"):
             if method in notify:
                 flat, fixed = notify[method]["max"], notify[method]["fixed_rate"]
                 bits.append(f"{method}: {_fmt(flat.get('publishes_per_s_per_node'), 0)} "
@@ -500,7 +500,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             if "error" in summary:
                 lines += [f"**{LABELS.get(target, target)}: failed:** {summary['error']}", ""]
                 continue
-            for method in ("api", "emitter"):
+            for method in ("api", "emitter", "batch"):
                 if method not in summary:
                     continue
                 fixed, flat = summary[method]["fixed_rate"], summary[method]["max"]

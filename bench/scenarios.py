@@ -554,11 +554,15 @@ def idle(bench: Bench, deployment: Deployment, connections: int, *,
     return result
 
 
+NOTIFY_BATCH = 100
+
+
 def notify(bench: Bench, deployment: Deployment, floor: float | None) -> dict[str, Any]:
     """Per-user channels: ``notify_users`` clients, each subscribed to ``user:<id>`` as ``<id>``.
 
-    For each way to publish (the HTTP API on every target; the emitter on realtime): a fixed
-    rate for latency, then as fast as the publisher goes for publishes/s.
+    For each way to publish (the HTTP API on every target; the emitter and ``POST /api/batch``
+    in batches of :data:`NOTIFY_BATCH` on realtime): a fixed rate for latency, then as fast as
+    the publisher goes for publishes/s.
     """
     settings = bench.settings
     users = settings.notify_users
@@ -584,6 +588,12 @@ def notify(bench: Bench, deployment: Deployment, floor: float | None) -> dict[st
     if deployment.target == "realtime":
         methods["emitter"] = ("publish_emitter", {"redis_url": deployment.redis_url,
                                                   "channel": "user:u{i}", "users": users})
+        # POST /api/batch, NOTIFY_BATCH publish commands a request (the peers have no batch
+        # route: Socket.IO servers leave that to the app)
+        methods["batch"] = ("publish_http", {"urls": urls, "channel": "user:u{i}",
+                                             "users": users, "path": "/api/batch",
+                                             "batch": NOTIFY_BATCH,
+                                             "connections": settings.notify_connections})
     try:
         for method, (op, args) in methods.items():
             fixed = measured_step(

@@ -187,7 +187,9 @@ class RedisStreams:
     def publish_many(self, requests: Sequence[PublishRequest],
                      options: HistoryOptions) -> list[StreamPosition | RealtimeError]:
         """Make every request with one pipelined round trip; see ``Broker.publish_many``."""
-        results: list[StreamPosition | RealtimeError] = []
+        # A slot waiting for its reply holds None: an exception per slot as a placeholder was
+        # a tenth of a batch's CPU (py-spy, bench/profile_http.py --batch 100).
+        results: list[StreamPosition | RealtimeError | None] = []
         calls, slots = [], []
         for request in requests:
             try:
@@ -198,7 +200,7 @@ class RedisStreams:
                 results.append(exc)
                 continue
             slots.append(len(results))
-            results.append(Unavailable("not published"))
+            results.append(None)
         if calls:
             try:
                 with translate_redis_errors("publish"):
@@ -206,7 +208,7 @@ class RedisStreams:
             except Unavailable as exc:
                 for slot in slots:
                     results[slot] = exc
-                return results
+                return results  # type: ignore[return-value]  # every slot is filled
             for slot, reply in zip(slots, replies, strict=True):
                 if isinstance(reply, Exception):
                     logger.warning("redis publish failed: %s", reply)
@@ -214,7 +216,7 @@ class RedisStreams:
                         f"the message store is unavailable ({type(reply).__name__})")
                 else:
                     results[slot] = StreamPosition(_text(reply[0]), int(reply[1]))
-        return results
+        return results  # type: ignore[return-value]  # every slot is filled
 
     def _publish_call(self, channel: str, body: bytes, options: HistoryOptions,
                       idempotency_key: str | None) -> tuple[tuple[str, ...], list[Any]]:
