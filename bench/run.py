@@ -58,6 +58,8 @@ Scenarios (default: all but soak and capacity):
             rate with --stalled clients that stop reading.
   notify    --notify-users clients, each subscribed to its own user:<id>; publications through
             the HTTP API (and realtime's emitter) at --notify-rate, then as fast as they go.
+            On realtime, webhook load after that: up to 2000 more users connect and leave,
+            a receiver in the bench counts the six events of each and how late they come.
   cluster   fanout through nginx in front of --cluster-nodes nodes.
   churn     connect, subscribe to user:<id>, disconnect, in loops, for --duration s.
   browser   realtime only: --browser-clients official socket.io-client clients (Node) on one
@@ -480,7 +482,7 @@ def render(out: Path) -> int:
 
 def _run_scenario(bench: Any, name: str, target: str, workdir: Path,
                   floor: float | None) -> dict[str, Any]:
-    from bench import scenarios, targets
+    from bench import scenarios, targets, webhooks
 
     settings = bench.settings
     logger.info("%s: %s", name, target)
@@ -509,7 +511,11 @@ def _run_scenario(bench: Any, name: str, target: str, workdir: Path,
                                                           workdir)
         return result
     nodes = {"idle": 1, "cluster": settings.cluster_nodes}.get(name, settings.nodes)
-    with targets.deployed(target, workdir, nodes, nginx=name == "cluster") as deployment:
+    # notify on realtime carries webhook load too (bench/webhooks.py)
+    hooked = name == "notify" and target == "realtime"
+    node_args = webhooks.node_args(workdir) if hooked else None
+    with targets.deployed(target, workdir, nodes, nginx=name == "cluster",
+                          node_args=node_args) as deployment:
         if name == "idle":
             result = scenarios.idle(bench, deployment, settings.idle_connections)
         elif name == "fanout":
@@ -518,6 +524,8 @@ def _run_scenario(bench: Any, name: str, target: str, workdir: Path,
             result = scenarios.fanout(bench, deployment, floor, via_nginx=True, name="cluster")
         elif name == "notify":
             result = scenarios.notify(bench, deployment, floor)
+            if hooked:
+                result["webhooks"] = webhooks.webhook_load(bench, deployment)
         elif name == "churn":
             result = scenarios.churn(bench, deployment)
         elif name == "soak":

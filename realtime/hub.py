@@ -133,10 +133,13 @@ class Hub:
         With ``parts`` > 1, only the sessions of slice ``part`` of that many (each
         session always falls in the same slice).
         """
+        # A subscription still being set up is left out: its presence entry is added by the
+        # subscribe itself, whose answer (first connection: a join) a refresh adding the entry
+        # first would turn into "not first", losing the join and the member_added webhook.
         return [(channel, c.client_id, c.user)
                 for c in self._sessions.values()
                 if parts == 1 or hash(c.client_id) % parts == part
-                for channel in c.channels]
+                for channel in c.channels if channel not in c.pending]
 
     def webhook_entries(self, part: int = 0, parts: int = 1,
                         ) -> tuple[list[str], list[tuple[str, str]]]:

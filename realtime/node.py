@@ -159,7 +159,7 @@ class Node:
                 logger.warning("cleanup of %s in %s failed: %s", session, channel, exc,
                                extra={"user": session.user, "channel": channel,
                                       "code": exc.code})
-        if self.webhooks is not None:
+        if self.webhooks is not None and session.client_id:  # "": it never connected
             self.webhooks.disconnected(session.client_id)
 
     # -- subscriptions -----------------------------------------------------------------------

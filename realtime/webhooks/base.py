@@ -17,7 +17,7 @@ Result = tuple[list[Event], int]
 BATCH_SIZE = 50
 # Events the queue holds at most; more are dropped (counted), so that a receiver down for
 # hours cannot fill the store's memory.
-QUEUE_LIMIT = 10_000
+QUEUE_LIMIT = 100_000
 
 
 class TransitionStore(abc.ABC):

@@ -9,8 +9,9 @@ from ..redis_support import WEBHOOK_KEY_PREFIX, LuaScript, translate_redis_error
 from ..redis_wire import CommandPipe
 from .base import QUEUE_LIMIT, Event, Result, TransitionStore
 
-# Expired entries one sweep drops, at most (the rest wait for the next heartbeat).
-SWEEP_BATCH = 500
+# Expired entries, and users due offline, one sweep handles at most (the rest wait for the
+# next heartbeat): a few milliseconds of Redis per script.
+SWEEP_BATCH = 1000
 
 # KEYS: see realtime.redis_support.webhook_keys. ARGV[1] is always the queue's limit. push()
 # queues an event with its id (the Redis clock's seconds and a sequence number: unique, and

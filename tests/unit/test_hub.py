@@ -89,8 +89,9 @@ def test_publications_that_arrive_together_leave_in_one_write_per_channel():
 def test_presence_entries_split_into_slices_that_cover_every_connection_once():
     hub, connections = make_hub(*[f"u{i}" for i in range(50)])
     for connection in connections:
-        hub.add_subscriber(connection, "a")
-        hub.add_subscriber(connection, "b")
+        for channel in ("a", "b"):
+            hub.add_subscriber(connection, channel)
+            hub.activate(connection, channel, StreamPosition("", 0))  # set up: refreshed
     everything = sorted(hub.presence_entries())
     slices = [hub.presence_entries(part, 5) for part in range(5)]
     assert sorted(entry for part in slices for entry in part) == everything

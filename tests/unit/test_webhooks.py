@@ -273,3 +273,19 @@ def test_the_cluster_command_passes_webhook_settings_to_every_node_secret_in_the
     assert flags == ["--webhook-url", "http://a/hook", "--webhook-url", "http://b/hook",
                      "--offline-grace", "2.0"]
     assert env == {"REALTIME_WEBHOOK_SECRET": "s3cret"}
+
+
+def test_presence_refresh_leaves_out_a_subscription_still_being_set_up():
+    # The refresh re-adds missing entries: adding one before the subscribe's own add made that
+    # add "not first", and the member_added (and the join) of the user was lost.
+    from realtime.broker import StreamPosition
+    from realtime.hub import Hub
+    from tests.unit.fakes import FakeSubscriber
+
+    hub = Hub()
+    session = FakeSubscriber("c1", "alice")
+    hub.add_session(session)
+    hub.add_subscriber(session, "room")
+    assert hub.presence_entries() == []
+    hub.activate(session, "room", StreamPosition("", 0))
+    assert hub.presence_entries() == [("room", "c1", "alice")]
