@@ -5,11 +5,11 @@ writing to the realtime cluster's Redis with :class:`realtime.emitter.Emitter`: 
 script, offsets and history as ``POST /api/publish``. Celery's own broker is Redis too; it may
 be the same server (another database) or another one.
 
-Run it (from this folder, with realtime importable: ``pip install`` it, or
+Run it (the worker from this folder, with realtime importable: ``pip install`` it, or
 ``PYTHONPATH=../..`` in a checkout)::
 
     redis-server --port 6380                       # or your Redis
-    python run.py serve --broker redis://127.0.0.1:6380/0          # a node (or run.py cluster)
+    python run.py serve --broker redis://127.0.0.1:6380/0    # from the checkout's root; or cluster
     CELERY_BROKER_URL=redis://127.0.0.1:6380/1 REALTIME_REDIS_URL=redis://127.0.0.1:6380/0 \\
         celery -A tasks worker --loglevel=info
 
