@@ -29,9 +29,10 @@ from bench.loadgen import HttpClient
 from realtime_dev.processes import NodeProcess, RedisProcess
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """The user and system CPU seconds of ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks
+    return int(fields[11]) / 100.0, int(fields[12]) / 100.0  # utime, stime: clock ticks
 
 
 async def _load(port: int, path: str, connections: int, duration: float,
@@ -91,10 +92,13 @@ def main() -> None:
             before, began = _cpu_seconds(node.pid), time.monotonic()
             done, errors = asyncio.run(_load(node.port, path, args.connections, args.duration,
                                              args.batch))
-            wall, cpu = time.monotonic() - began, _cpu_seconds(node.pid) - before
+            after = _cpu_seconds(node.pid)
+            wall = time.monotonic() - began
+            user, system = after[0] - before[0], after[1] - before[1]
+            cpu = user + system
             print(f"{path}: {done / wall:,.0f} publications/s, {errors} errors, node CPU "
                   f"{cpu / wall * 100:.0f}%, {cpu / max(done, 1) * 1e6:.0f} µs CPU per "
-                  f"publication")
+                  f"publication ({system / max(cpu, 1e-9) * 100:.0f}% of it in the kernel)")
             if spy is not None:
                 spy.wait(60)
         finally:

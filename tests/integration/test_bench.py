@@ -149,3 +149,21 @@ def test_the_quick_soak_loses_nothing_and_reports_memory_and_descriptors(quick_s
     assert max(s["fds"][0] for s in run["samples"]) > run["samples"][0]["fds"][0], \
         "no client was ever connected to node 1"
     assert "## Soak (realtime)" in (out / "results.md").read_text()
+
+
+def test_the_quick_notify_publishes_through_the_api_the_emitter_and_batches_losing_nothing(
+        tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "bench/run.py", "notify", "--quick", "--targets", "realtime", "--out",
+         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "results.json").read_text())[
+        "scenarios"]["notify"]["realtime"]["runs"]
+    for method in ("api", "emitter", "batch"):
+        for step in ("fixed_rate", "max"):
+            figures = run[method][step]
+            assert figures["published"] > 0, (method, step)
+            assert figures["delivered"] == figures["expected"] == figures["published"]
+            assert figures["lost"] == figures["duplicated"] == figures["reordered"] == 0
+            assert figures["publish_errors"] == 0, (method, step)
+    assert "realtime batch" in (tmp_path / "results.md").read_text()

@@ -43,6 +43,28 @@ def test_commands_of_many_greenlets_run_in_call_order(make_pipe, admin):
     assert admin.get(key) == b"300"
 
 
+def test_commands_submitted_in_one_loop_turn_share_one_write(make_pipe, admin):
+    pipe, key = make_pipe(), unique("counter")
+    pipe.call("PING")  # connected
+    writes = []
+
+    class CountingSocket:
+        def __init__(self, sock):
+            self._sock = sock
+
+        def sendall(self, data, *args):
+            writes.append(data)
+            return self._sock.sendall(data, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+    pipe._connection.sock = CountingSocket(pipe._connection.sock)
+    calls = [gevent.spawn(pipe.call, "INCR", key) for _ in range(50)]
+    gevent.joinall(calls, timeout=10, raise_error=True)
+    assert len(writes) == 1 and admin.get(key) == b"50"
+
+
 def test_an_error_reply_fails_only_its_own_command(make_pipe):
     pipe, key = make_pipe(), unique("string")
     assert pipe.call("SET", key, "text") == b"OK"

@@ -205,7 +205,7 @@ def test_batch_broadcast_and_disconnect_reply_as_their_routes(api, connect):
 
 
 def test_batch_broadcast_too_large_on_one_channel_publishes_on_none(api, realtime):
-    realtime.config.max_message_size  # the node's limit: 64 KiB by default
+    assert realtime.config.max_message_size < 70 * 1024
     replies = batch(api, {"method": "broadcast", "params": {
         "channels": ["p", "q"], "data": "x" * (70 * 1024)}})
     assert replies[0]["error"]["code"] == "too_large"
@@ -235,3 +235,11 @@ def test_batch_publishes_go_to_the_broker_together(api, realtime, monkeypatch):
 def test_batch_of_the_largest_size_is_accepted(api):
     replies = batch(api, *(publish("big", n) for n in range(MAX_BATCH_COMMANDS)))
     assert len(replies) == MAX_BATCH_COMMANDS and replies[-1]["result"]["offset"] == 1000
+
+
+def test_batch_takes_bodies_beyond_the_single_routes_limit(api, realtime):
+    single_limit = 2 * realtime.config.max_message_size + realtime.config.frame_overhead
+    commands = [publish("wide", "x" * 1000) for _ in range(400)]
+    assert single_limit < len(json.dumps({"commands": commands})) < BATCH_BODY_LIMIT
+    replies = batch(api, *commands)
+    assert replies[-1]["result"]["offset"] == 400
