@@ -512,7 +512,7 @@ def _run_scenario(bench: Any, name: str, target: str, workdir: Path,
         return result
     nodes = {"idle": 1, "cluster": settings.cluster_nodes}.get(name, settings.nodes)
     # notify on realtime carries webhook load too (bench/webhooks.py)
-    hooked = name == "notify" and target == "realtime"
+    hooked = name == "notify" and target == "realtime" and webhooks.enabled()
     node_args = webhooks.node_args(workdir) if hooked else None
     with targets.deployed(target, workdir, nodes, nginx=name == "cluster",
                           node_args=node_args) as deployment:

@@ -6,12 +6,14 @@ The notify deployment of realtime runs with ``--webhook-url`` pointing at :data:
 steps :func:`webhook_load` connects ``min(notify_users, 2000)`` more users (each subscribed
 to its ``user:`` channel), waits for their ``user_online``, ``member_added`` and
 ``channel_occupied``, disconnects them all, and waits for their ``channel_vacated``,
-``member_removed`` and (after the grace) ``user_offline``.
+``member_removed`` and (after the grace) ``user_offline``. ``BENCH_WEBHOOKS=0`` leaves webhooks
+off (:func:`enabled`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -97,6 +99,12 @@ class CountingReceiver:
 
 
 RECEIVER: CountingReceiver | None = None
+
+
+def enabled() -> bool:
+    """False with ``BENCH_WEBHOOKS=0`` in the environment: notify without webhooks, to
+    measure what they cost."""
+    return os.environ.get("BENCH_WEBHOOKS", "1") != "0"
 
 
 def node_args(workdir: Path) -> list[str]:
