@@ -552,14 +552,20 @@ class Worker:
             deadline = started + duration
             worst = 0.0
 
-            async def flat_out(http: HttpClient) -> None:
-                while time.monotonic() < deadline:
-                    await post(http, next(counter))
-
-            # Batches flat out: each connection publishes to users of its own, so that a user's
-            # publications are never in two batches in flight at once (which would cross on
-            # the way and count as reordered, though the server keeps each batch's order).
+            # Flat out, each connection publishes to users of its own, so that a user's
+            # publications are never in two requests in flight at once (which would cross on
+            # the way and count as reordered, though the server keeps each request's order).
             lanes = min(len(clients), users)
+
+            async def flat_out(http: HttpClient, lane: int) -> None:
+                mine, made = range(lane, users, lanes), 0
+                while time.monotonic() < deadline:
+                    next(counter)
+                    await send(http, json.dumps(
+                        {"channel": channel.format(i=mine[made % len(mine)]),
+                         "data": payload(pub_id, made // len(mine), size)},
+                        separators=(",", ":")).encode())
+                    made += 1
 
             async def flat_out_batches(http: HttpClient, lane: int) -> None:
                 mine, made = range(lane, users, lanes), 0
@@ -575,7 +581,7 @@ class Worker:
                 await asyncio.gather(*(flat_out_batches(clients[lane], lane)
                                        for lane in range(lanes)))
             else:
-                await asyncio.gather(*(flat_out(c) for c in clients))
+                await asyncio.gather(*(flat_out(clients[lane], lane) for lane in range(lanes)))
             ended = time.monotonic()
             sent = next(counter) * batch
         for http in clients:
@@ -597,9 +603,12 @@ class Worker:
         latencies: list[float] = []
 
         def publish(i: int) -> None:
+            publish_to(i % users, i // users)
+
+        def publish_to(user: int, sequence: int) -> None:
             began = time.monotonic()
             try:
-                emitter.publish(channel.format(i=i % users), payload(pub_id, i // users, size))
+                emitter.publish(channel.format(i=user), payload(pub_id, sequence, size))
                 stats["ok"] += 1
             except Exception as exc:
                 _count_error(stats, f"{type(exc).__name__}: {exc}")
@@ -618,11 +627,20 @@ class Worker:
                 deadline = started + duration
                 worst = 0.0
 
-                def flat_out() -> None:
-                    while time.monotonic() < deadline:
-                        publish(next(counter))
+                # Each thread publishes to users of its own: a thread that takes a number and
+                # is preempted before it publishes must not see a later publication to the same
+                # user overtake it (that would be the bench's reordering, not the server's).
+                lanes = min(threads, users)
 
-                await asyncio.gather(*(asyncio.to_thread(flat_out) for _ in range(threads)))
+                def flat_out(lane: int) -> None:
+                    mine, made = range(lane, users, lanes), 0
+                    while time.monotonic() < deadline:
+                        next(counter)
+                        publish_to(mine[made % len(mine)], made // len(mine))
+                        made += 1
+
+                await asyncio.gather(*(asyncio.to_thread(flat_out, lane)
+                                       for lane in range(lanes)))
                 ended = time.monotonic()
                 sent = next(counter)
         finally:
