@@ -189,8 +189,10 @@ def test_gunicorn_refuses_to_boot_what_is_not_one_node_that_can_drain(tmp_path, 
     env = {**os.environ, "REALTIME_PORT": str(free_port()), "REALTIME_DRAIN_TIMEOUT": "5"}
     refused = ManagedProcess("gunicorn", argv, tmp_path / "refused.log", env)
     try:
-        # a failed boot stops the master (exit status 3), rather than a worker started forever
-        assert refused.process.wait(20) == 3, refused.log()
+        # A failed boot stops the master, rather than a worker restarted forever: with exit
+        # status 3, or 1 when two workers fail at once (gunicorn's halt meets the second
+        # failure while it stops, and ends on that exception).
+        assert refused.process.wait(20) in (1, 3), refused.log()
         assert reason in refused.log()
     finally:
         refused.stop()
