@@ -141,6 +141,7 @@ def test_a_redis_restart_without_persistence_is_announced_by_reset(
     clients.append(subscriber)
     assert subscriber.call("subscribe", {"channel": channel}, timeout=5)["ok"]
     emitter = Emitter(server.url, timeout=1)
+    restarted = None  # the fixture stops the first redis-server; this test, the second
     try:
         for index in range(3):
             emitter.publish(channel, index)
@@ -148,13 +149,15 @@ def test_a_redis_restart_without_persistence_is_announced_by_reset(
         server.kill()
         with pytest.raises(Unavailable):
             emitter.publish(channel, "refused")
-        RedisProcess(redis_dir, port=server.port).wait_ready()
+        restarted = RedisProcess(redis_dir, port=server.port).wait_ready()
         reset = wait_until(lambda: subscriber.events("reset"), timeout=5, message="a reset")
         assert reset == [{"channel": channel, "epoch": "", "offset": 0}]
         position = emitter.publish(channel, "in the new stream")
         messages = subscriber.wait_messages(channel, 4)
     finally:
         emitter.close()
+        if restarted is not None:
+            restarted.stop()
     assert messages[-1]["offset"] == position.offset == 1
     assert [name for name, _ in subscriber.received if name in ("message", "reset")] == [
         "message", "message", "message", "reset", "message"]
@@ -169,12 +172,13 @@ def test_a_redis_restart_from_an_append_only_file_loses_nothing_and_resets_nothi
     for subscriber in subscribers:
         assert subscriber.call("subscribe", {"channel": channel}, timeout=5)["ok"]
     emitter = Emitter(server.url, timeout=1)
+    restarted = None  # the fixture stops the first redis-server; this test, the second
     try:
         for index in range(5):
             emitter.publish(channel, index)
         server.kill()
-        RedisProcess(redis_dir, port=server.port,
-                     persistence=("--appendonly", "yes", "--appendfsync", "always")).wait_ready()
+        restarted = RedisProcess(redis_dir, port=server.port, persistence=(
+            "--appendonly", "yes", "--appendfsync", "always")).wait_ready()
 
         def published(data) -> bool:
             try:
@@ -193,3 +197,5 @@ def test_a_redis_restart_from_an_append_only_file_loses_nothing_and_resets_nothi
             assert subscriber.events("reset") == []
     finally:
         emitter.close()
+        if restarted is not None:
+            restarted.stop()
