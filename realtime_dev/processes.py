@@ -93,11 +93,13 @@ def node_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str,
-             interval: float = POLL_INTERVAL) -> T:
+             interval: float = POLL_INTERVAL,
+             sleep: Callable[[float], object] = time.sleep) -> T:
     """Poll ``predicate`` until it returns something truthy, and return that.
 
     Raises ProcessError naming ``what`` after ``timeout`` seconds. Exceptions of ``predicate``
-    (e.g. "the process died") go through.
+    (e.g. "the process died") go through. ``sleep`` waits between polls (``gevent.sleep`` lets
+    greenlets of the caller's process run meanwhile).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -106,7 +108,7 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str,
             return value
         if time.monotonic() > deadline:
             raise ProcessError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+        sleep(interval)
 
 
 def http_ok(url: str) -> bool:

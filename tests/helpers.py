@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gevent
+
+from realtime_dev.processes import ProcessError, wait_for
 
 # The source checkout the tests run from.
 REPO = Path(__file__).resolve().parents[1]
@@ -20,14 +21,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
     Sleeps with gevent so that greenlets of the code under test (deferred sends, broker
     readers) get to run in unit tests; outside gevent code it is an ordinary sleep.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        gevent.sleep(interval)
+    try:
+        return wait_for(predicate, timeout, message, interval, sleep=gevent.sleep)
+    except ProcessError as exc:  # a test's wait that times out is a failed assertion
+        raise AssertionError(str(exc)) from None
 
 
 class RecordingHandler:
