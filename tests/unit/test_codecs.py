@@ -145,3 +145,10 @@ def test_an_event_one_codec_cannot_encode_is_left_out_for_that_codec_only(caplog
     assert "cannot be encoded for msgpack clients" in caplog.text
     batch = EventBatch([event, EncodedEvent("message", 1)])
     assert len(batch.build(wire_form(MSGPACK, POLLING))) == 1
+
+
+@pytest.mark.parametrize("payload", [{"channel": "a", "data": {"é": [1, None, "x"]}}, None, 3])
+def test_the_fan_outs_event_encoding_is_the_packet_encoding(codec, payload):
+    """encode_event skips building a Packet (the fan-out's shortcut): same output."""
+    packet = Packet(PacketType.EVENT, data=["message", payload])
+    assert codec.encode_event("message", payload) == codec.encode(packet)
