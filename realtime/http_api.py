@@ -32,7 +32,9 @@ from werkzeug.http import HTTP_STATUS_CODES
 from .broker.base import PublishRequest, StreamPosition
 from .channels import validate_channel
 from .client_address import client_address, is_loopback
+from .codecs import dumps
 from .config import Config
+from .engineio import host_allowed
 from .errors import (
     BadRequest,
     Forbidden,
@@ -318,18 +320,22 @@ def _batch_command(command: object) -> tuple[str, dict]:
 # -- the hot routes, before Flask ---------------------------------------------------------------
 
 class FastRoutes:
-    """``POST /api/publish``, ``/api/broadcast`` and ``/api/batch`` as plain WSGI.
+    """``POST /api/publish``, ``/api/broadcast`` and ``/api/batch``, before Flask.
 
     A publish through Flask spent most of its time in werkzeug's request and response objects
-    and Flask's dispatch (bench/RESULTS.md, issue 12): the node's WSGI entry hands these three
-    routes here instead. Everything that decides an answer is shared with the Flask routes:
-    the access rule (:class:`ApiAccess`), the body's limits and parsing (:func:`_json_object`),
-    the commands, and the JSON answers and error bodies, byte for byte.
+    and Flask's dispatch (bench/RESULTS.md, issue 12): these three routes are answered here
+    instead, from two entries: the node's WSGI application (:meth:`__call__`, for requests
+    that reach WSGI) and the HTTP server's API lane (:meth:`answer`, which
+    :class:`realtime.server.RealtimeHandler` calls for the requests it reads itself, without
+    pywsgi's per-request work). Everything that decides an answer is shared with the Flask
+    routes: the access rule (:class:`ApiAccess`), the body's limits and parsing
+    (:func:`_json_object`), the commands, and the JSON answers and error bodies, byte for byte.
     """
 
     def __init__(self, node: Node, config: Config) -> None:
         self._access = ApiAccess(config)
         self._count = node.counters.error
+        self._allowed_hosts = config.allowed_host_names
         body_limit = api_body_limit(config)
         self._routes: dict[str, tuple[Callable[[dict], dict[str, Any]], int]] = {
             "/api/publish": (lambda body: publish_command(node, body), body_limit),
@@ -342,16 +348,32 @@ class FastRoutes:
         """Whether ``environ`` is a request for one of the fast routes."""
         return environ["REQUEST_METHOD"] == "POST" and environ.get("PATH_INFO") in self._routes
 
-    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
-        path = environ["PATH_INFO"]
+    def body_limit(self, path: str) -> int | None:
+        """The largest body a POST to ``path`` takes; None when ``path`` is not a fast route."""
+        route = self._routes.get(path)
+        return None if route is None else route[1]
+
+    def host_allowed(self, host: str) -> bool:
+        """Whether a request with this ``Host`` is served (``--allowed-hosts``)."""
+        return host_allowed({"HTTP_HOST": host}, self._allowed_hosts)
+
+    def answer(self, path: str, *, authorization: str | None, remote_addr: str | None,
+               forwarded_for: str | None, content_type: str | None,
+               read_body: Callable[[int], bytes]) -> tuple[str, list[tuple[str, str]], bytes]:
+        """The answer to a POST to fast route ``path``: status line, headers, body.
+
+        ``read_body(limit)`` gives the request's body, or raises :class:`TooLarge` when it is
+        over ``limit`` bytes; it is not called when the request is refused before its body
+        matters (no access, not JSON). Never raises: an unexpected failure is logged and
+        answered 500.
+        """
         command, limit = self._routes[path]
         headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         try:
-            self._access.check(environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR"),
-                               environ.get("HTTP_X_FORWARDED_FOR"))
-            if not _is_json(environ.get("CONTENT_TYPE")):
+            self._access.check(authorization, remote_addr, forwarded_for)
+            if not _is_json(content_type):
                 raise BadRequest(NOT_A_JSON_OBJECT)
-            status, answer = 200, command(_json_object(_read_body(environ, limit)))
+            status, answer = 200, command(_json_object(read_body(limit)))
         except RealtimeError as exc:
             note_error(exc, "POST", path, self._count)
             status, answer = exc.http_status, {"error": exc.to_dict()}
@@ -362,9 +384,18 @@ class FastRoutes:
             self._count(InternalError.code)
             status, answer = 500, {"error": InternalError().to_dict()}
         # Flask's JSON answers, byte for byte: compact, ASCII, a final newline.
-        body = (json.dumps(answer, separators=(",", ":")) + "\n").encode()
+        body = (dumps(answer) + "\n").encode()
         headers.append(("Content-Length", str(len(body))))
-        start_response(_STATUS_LINES[status], headers)
+        return _STATUS_LINES[status], headers, body
+
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        status, headers, body = self.answer(
+            environ["PATH_INFO"], authorization=environ.get("HTTP_AUTHORIZATION"),
+            remote_addr=environ.get("REMOTE_ADDR"),
+            forwarded_for=environ.get("HTTP_X_FORWARDED_FOR"),
+            content_type=environ.get("CONTENT_TYPE"),
+            read_body=lambda limit: _read_body(environ, limit))
+        start_response(status, headers)
         return [body]
 
 
