@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from .config import LOG_FORMATS, LOG_LEVELS, Config, ConfigError
+from .config import LOG_FORMATS, LOG_LEVELS, SECTIONS, Config, ConfigError
 from .logs import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,10 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
                      ) -> None:
     """A flag per config field (of ``sections`` only, when given), grouped by section."""
     groups = {"": parser}
-    for section in ("auth", "limits", "webhooks"):
-        groups[section] = parser.add_argument_group(
-            {"auth": "authentication and the HTTP API", "limits": "limits",
-             "webhooks": "webhooks"}[section])
+    titles = {"auth": "authentication and the HTTP API", "limits": "limits",
+              "webhooks": "webhooks", "proxy": "backend proxy"}
+    for section in SECTIONS:
+        groups[section] = parser.add_argument_group(titles[section])
     for field in Config.fields():
         section = field.metadata["section"]
         if sections is not None and section not in sections:
@@ -118,7 +118,7 @@ def _add_cluster_parser(commands: argparse._SubParsersAction) -> None:
     cluster.add_argument("--log-connections", action="store_true",
                          help="every node logs connection lifecycle events (their "
                               "--log-connections)")
-    add_config_flags(cluster, sections=("auth", "webhooks"))
+    add_config_flags(cluster, sections=("auth", "webhooks", "proxy"))
     cluster.add_argument("node_args", nargs="*", metavar="-- NODE_FLAGS",
                          help="flags for every node's `realtime serve`")
 

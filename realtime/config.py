@@ -4,7 +4,8 @@ Each layer overrides the one before it. Every field ``x`` has the environment va
 ``REALTIME_X`` and the CLI flag ``--x`` (underscores become dashes), so the three stay in step by
 construction rather than by hand. In the TOML file, fields of the ``auth`` and ``limits``
 sections go in ``[auth]`` and ``[limits]`` tables (or at the top level, like every other
-field; ``webhooks`` too), and channel namespaces in ``[namespaces.<name>]`` tables (file only).
+field; ``webhooks`` and ``proxy`` too), and channel namespaces in ``[namespaces.<name>]``
+tables (file only).
 
 Secrets (the JWT secrets, the API keys) can also come from a file, so that they stay off the
 command line: ``--jwt-secret-file``, ``REALTIME_JWT_SECRET_FILE``, ``jwt_secret_file = ...``.
@@ -28,7 +29,7 @@ NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.@-]{1,100}")
 FRAME_OVERHEAD = 16 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
-SECTIONS = ("auth", "limits", "webhooks")
+SECTIONS = ("auth", "limits", "webhooks", "proxy")
 MIN_HMAC_SECRET = 32
 SUBSCRIBE_RULES = ("anyone", "authenticated", "granted", "owner")
 PUBLISH_RULES = ("anyone", "subscribers", "authenticated", "server")
@@ -197,16 +198,24 @@ class Config:
     idle_timeout: float = _field(60.0, section="limits",
                                  help="seconds an idle keep-alive HTTP connection is kept")
 
-    proxy_connect_url: str = _field("", help="backend URL that decides who a connecting client "
-                                             "is (a JSON POST; see the README's Backend proxy)")
-    proxy_subscribe_url: str = _field("", help="backend URL that decides client subscribes "
-                                               "(namespaces may override it)")
-    proxy_publish_url: str = _field("", help="backend URL that decides, and may rewrite, "
-                                             "client publishes (namespaces may override it)")
-    proxy_headers: str = _field("", help="comma-separated request headers forwarded to the "
-                                         "backend proxy, e.g. Cookie,Authorization")
-    proxy_timeout: float = _field(3.0, help="seconds a backend proxy call may take before "
-                                            "the client is answered unavailable")
+    proxy_connect_url: str = _field(
+        "", section="proxy",
+        help="backend URL that decides who a connecting client is (a JSON POST; see the "
+             "README's Backend proxy)")
+    proxy_subscribe_url: str = _field(
+        "", section="proxy",
+        help="backend URL that decides client subscribes (namespaces may override it)")
+    proxy_publish_url: str = _field(
+        "", section="proxy",
+        help="backend URL that decides, and may rewrite, client publishes (namespaces may "
+             "override it)")
+    proxy_headers: str = _field(
+        "", section="proxy",
+        help="comma-separated request headers forwarded to the backend proxy, e.g. "
+             "Cookie,Authorization")
+    proxy_timeout: float = _field(
+        3.0, section="proxy",
+        help="seconds a backend proxy call may take before the client is answered unavailable")
 
     webhook_urls: list[str] = _field(  # noqa: RUF009 - _field returns a dataclasses.Field
         default_factory=list, section="webhooks", flag="--webhook-url",

@@ -53,7 +53,7 @@ def run_cluster(args: argparse.Namespace, prog: str = "realtime") -> int:
 
     previous = {signum: signal.signal(signum, request_stop)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
-    node_flags, node_env = node_auth_settings(args)
+    node_flags, node_env = node_shared_settings(args)
     cluster = LocalCluster(workdir=workdir, nodes=args.nodes, port=args.port,
                            redis_url=args.redis,
                            node_args=[*node_flags, *node_log_flags(args), *args.node_args],
@@ -83,9 +83,9 @@ def run_cluster(args: argparse.Namespace, prog: str = "realtime") -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def node_auth_settings(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """The auth and webhook settings given to ``realtime cluster``, for every node: (flags,
-    environment).
+def node_shared_settings(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The auth, webhook and backend proxy settings given to ``realtime cluster``, for every
+    node: (flags, environment).
 
     Secrets travel in the nodes' environment (``REALTIME_JWT_SECRET``,
     ``REALTIME_WEBHOOK_SECRET``, ...), never on their command lines, which any user of the
@@ -93,10 +93,10 @@ def node_auth_settings(args: argparse.Namespace) -> tuple[list[str], dict[str, s
     """
     flags: list[str] = []
     env: dict[str, str] = {}
-    auth = {f.name: f for f in Config.fields()
-            if f.metadata["section"] in ("auth", "webhooks")}
+    shared = {f.name: f for f in Config.fields()
+              if f.metadata["section"] in ("auth", "webhooks", "proxy")}
     for name, value in config_overrides(args).items():
-        field = auth.get(name.removesuffix("_file"))
+        field = shared.get(name.removesuffix("_file"))
         if field is None:  # the cluster's own --host, --port, --log-level
             continue
         if field.metadata["secret"]:

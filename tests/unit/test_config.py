@@ -146,11 +146,34 @@ def test_bad_namespace_and_section_tables_are_refused(tmp_path, table, message):
 
 
 def test_the_cluster_command_gives_nodes_secrets_in_their_environment_only():
-    from realtime_dev.command import node_auth_settings
+    from realtime_dev.command import node_shared_settings
 
     args = build_parser().parse_args(
         ["cluster", "--jwt-secret", "s3cret" * 6, "--api-key", "k1", "--api-key", "k2",
          "--jwt-audience", "realtime", "--allow-anonymous"])
-    flags, env = node_auth_settings(args)
+    flags, env = node_shared_settings(args)
     assert flags == ["--jwt-audience", "realtime", "--allow-anonymous"]
     assert env == {"REALTIME_JWT_SECRET": "s3cret" * 6, "REALTIME_API_KEYS": "k1,k2"}
+
+
+def test_the_cluster_command_passes_the_backend_proxy_settings_to_every_node():
+    from realtime_dev.command import node_shared_settings
+
+    args = build_parser().parse_args(
+        ["cluster", "--proxy-connect-url", "http://app/realtime/connect",
+         "--proxy-headers", "Cookie", "--proxy-timeout", "1.5"])
+    flags, env = node_shared_settings(args)
+    assert flags == ["--proxy-connect-url", "http://app/realtime/connect",
+                     "--proxy-headers", "Cookie", "--proxy-timeout", "1.5"]
+    assert env == {}
+
+
+def test_proxy_settings_may_sit_in_a_proxy_table_or_at_the_top_level(tmp_path):
+    config_file = tmp_path / "realtime.toml"
+    config_file.write_text('proxy_timeout = 2.0\n[proxy]\nconnect_url = "x"\n')
+    with pytest.raises(ConfigError, match="unknown configuration key 'connect_url' in \\[proxy\\]"):
+        Config.load(environ={}, config_file=str(config_file))
+    config_file.write_text('proxy_timeout = 2.0\n[proxy]\n'
+                           'proxy_connect_url = "http://app/connect"\n')
+    config = Config.load(environ={}, config_file=str(config_file))
+    assert (config.proxy_timeout, config.proxy_connect_url) == (2.0, "http://app/connect")

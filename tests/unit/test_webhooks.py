@@ -264,12 +264,12 @@ def test_the_node_reports_connections_subscriptions_and_presence_as_events(node_
 
 def test_the_cluster_command_passes_webhook_settings_to_every_node_secret_in_the_environment():
     from realtime.cli import build_parser
-    from realtime_dev.command import node_auth_settings
+    from realtime_dev.command import node_shared_settings
 
     args = build_parser().parse_args(
         ["cluster", "--webhook-url", "http://a/hook", "--webhook-url", "http://b/hook",
          "--webhook-secret", "s3cret", "--offline-grace", "2"])
-    flags, env = node_auth_settings(args)
+    flags, env = node_shared_settings(args)
     assert flags == ["--webhook-url", "http://a/hook", "--webhook-url", "http://b/hook",
                      "--offline-grace", "2.0"]
     assert env == {"REALTIME_WEBHOOK_SECRET": "s3cret"}
