@@ -1,7 +1,8 @@
 """What a node counts, and how it is shown: Prometheus metrics and the ``/api/stats`` figures.
 
 The core calls a small interface (:class:`Counters`, :meth:`Metrics.observe_fanout`,
-:meth:`Metrics.observe_round_trip`); everything about names, labels and exposition lives here.
+:meth:`Metrics.observe_round_trip`, :meth:`Metrics.watch_proxy`,
+:meth:`Metrics.watch_webhooks`); everything about names, labels and exposition lives here.
 
 Cost: counters are plain integers on a ``__slots__`` object, bumped once per fan-out batch or
 per event (never per recipient); gauges that mirror state the node already holds (connections,
@@ -17,12 +18,14 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .hub import Hub
+    from .proxy import BackendProxy
+    from .webhooks.service import Webhooks
 
 # The content type of the text exposition format that generate_latest writes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -55,6 +58,10 @@ DISCONNECT_REASONS = {
 ROUND_TRIP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 FANOUT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                   0.1, 0.25, 1.0)
+# A backend proxy call is an HTTP request to the app: milliseconds, up to --proxy-timeout.
+PROXY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+PROXY_CALLS = ("connect", "subscribe", "publish")
+PROXY_OUTCOMES = ("answered", "refused", "unavailable")
 
 
 def disconnect_reason(reason: str) -> str:
@@ -139,6 +146,30 @@ class Metrics:
     def observe_round_trip(self, seconds: float) -> None:
         """One round trip to Redis took ``seconds``."""
         self.broker_round_trip_seconds.observe(seconds)
+
+    def watch_proxy(self, proxy: BackendProxy) -> None:
+        """Count and time ``proxy``'s calls: ``realtime_proxy_calls_total{call, outcome}``
+        (outcome ``answered``, ``refused`` or ``unavailable``) and
+        ``realtime_proxy_call_seconds{call}``."""
+        calls = Counter("realtime_proxy_calls", "Backend proxy calls, by call and outcome "
+                        "(answered, refused, unavailable)", ["call", "outcome"],
+                        registry=self.registry)
+        seconds = Histogram("realtime_proxy_call_seconds", "Seconds a backend proxy call took",
+                            ["call"], buckets=PROXY_BUCKETS, registry=self.registry)
+        for call in PROXY_CALLS:  # every series from the start, at 0
+            seconds.labels(call)
+            for outcome in PROXY_OUTCOMES:
+                calls.labels(call, outcome)
+
+        def on_call(call: str, outcome: str, elapsed: float) -> None:
+            calls.labels(call, outcome).inc()
+            seconds.labels(call).observe(elapsed)
+
+        proxy.on_call = on_call
+
+    def watch_webhooks(self, webhooks: Webhooks) -> None:
+        """Show the webhooks' counters: events sent and dropped, POSTs that failed."""
+        self.registry.register(_WebhookCollector(webhooks))
 
     def broker_reconnected(self) -> None:
         """The broker's delivery reconnected to Redis after losing it."""
@@ -236,3 +267,22 @@ class _StateCollector(Collector):
         for code, count in sorted(counters.errors.items()):
             errors.add_metric([code], count)
         yield errors
+
+
+class _WebhookCollector(Collector):
+    """The webhooks' counters, read at scrape time."""
+
+    def __init__(self, webhooks: Webhooks) -> None:
+        self.webhooks = webhooks
+
+    def collect(self) -> Iterator[Metric]:
+        webhooks = self.webhooks
+        yield CounterMetricFamily("realtime_webhook_events_sent", "Webhook events this node "
+                                  "delivered to every URL (one node delivers at a time)",
+                                  value=webhooks.sender.delivered_events)
+        yield CounterMetricFamily("realtime_webhook_events_dropped", "Webhook events this node "
+                                  "saw happen and dropped, the queue being full",
+                                  value=webhooks.dropped)
+        yield CounterMetricFamily("realtime_webhook_post_failures", "Webhook POSTs that failed "
+                                  "(the batch is retried with back-off)",
+                                  value=webhooks.sender.failed_posts)

@@ -103,6 +103,8 @@ class Node:
         # What the node counts (metrics.Counters, bumped by the core) and shows (/metrics).
         self.metrics = Metrics(self.hub)
         self.counters = self.metrics.counters
+        if webhooks is not None:
+            self.metrics.watch_webhooks(webhooks)
         self.continuity = Continuity(self.hub, self._history_since)
         self.channels = ChannelPolicy(config)
         # The node's defaults; a channel's namespace may change them (history_options_for).

@@ -45,6 +45,8 @@ class ClientProtocol:
         self.max_connections_per_user = config.max_connections_per_user
         # The backend proxy (realtime/proxy.py), when the configuration names a backend.
         self.proxy = BackendProxy.from_config(config)
+        if self.proxy is not None:
+            node.metrics.watch_proxy(self.proxy)
         self.authenticator = authenticator or (
             create_proxy_authenticator(config, self.proxy)
             if self.proxy is not None and config.proxy_connect_url

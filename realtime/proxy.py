@@ -143,6 +143,10 @@ class BackendProxy:
         self.post = poster or HttpPoster()
         self._urls: dict[tuple[str, str], str] = {}
         self._warned: dict[str, float] = {}
+        # Told (call, outcome, seconds) after every call: the node's metrics, when set.
+        # outcome: "answered" (the backend decided for the client), "refused" (it refused),
+        # "unavailable" (it gave no decision).
+        self.on_call: Callable[[str, str, float], None] | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> BackendProxy | None:
@@ -177,30 +181,53 @@ class BackendProxy:
 
     def connect(self, request: RequestContext, auth: object, client_id: str) -> Identity:
         """Who the client connecting with ``auth`` over ``request`` is, as the backend says."""
-        answer = self._call("connect", self.connect_url, {
-            "client": client_id, "transport": request.query.get("transport", ""),
-            "peer": request.peer, "headers": self.headers_of(request), "auth": auth})
-        return _identity(answer)
+        return self._counted("connect", lambda: _identity(self._call(
+            "connect", self.connect_url, {
+                "client": client_id, "transport": request.query.get("transport", ""),
+                "peer": request.peer, "headers": self.headers_of(request), "auth": auth})))
 
     def subscribe(self, session: Session, channel: str) -> None:
         """Return when the backend allows ``session`` to subscribe to ``channel``."""
-        answer = self._call("subscribe", self.subscribe_url(channel), {
-            "client": session.client_id, "user": session.user, "channel": channel,
-            "peer": session.request.peer, "headers": self.headers_of(session.request)})
-        if answer.get("allow") is not True:
-            _refuse_unless_allowed(answer)
+        def decide() -> None:
+            answer = self._call("subscribe", self.subscribe_url(channel), {
+                "client": session.client_id, "user": session.user, "channel": channel,
+                "peer": session.request.peer, "headers": self.headers_of(session.request)})
+            if answer.get("allow") is not True:
+                _refuse_unless_allowed(answer)
+
+        self._counted("subscribe", decide)
 
     def publish(self, session: Session, channel: str, data: Any) -> Any:
         """The data to publish on ``channel`` for ``session``: ``data``, or the backend's."""
-        answer = self._call("publish", self.publish_url(channel), {
-            "client": session.client_id, "user": session.user, "channel": channel,
-            "data": data, "peer": session.request.peer,
-            "headers": self.headers_of(session.request)})
-        if "data" in answer:
-            return answer["data"]
-        if answer.get("allow") is not True:
-            _refuse_unless_allowed(answer)
-        return data
+        def decide() -> Any:
+            answer = self._call("publish", self.publish_url(channel), {
+                "client": session.client_id, "user": session.user, "channel": channel,
+                "data": data, "peer": session.request.peer,
+                "headers": self.headers_of(session.request)})
+            if "data" in answer:
+                return answer["data"]
+            if answer.get("allow") is not True:
+                _refuse_unless_allowed(answer)
+            return data
+
+        return self._counted("publish", decide)
+
+    def _counted(self, kind: str, decide: Callable[[], Any]) -> Any:
+        """``decide()``, told to :attr:`on_call` with its outcome and duration."""
+        started = time.perf_counter()
+        outcome = "unavailable"
+        try:
+            result = decide()
+            outcome = "answered"
+            return result
+        except Unavailable:
+            raise
+        except RealtimeError:
+            outcome = "refused"
+            raise
+        finally:
+            if self.on_call is not None:
+                self.on_call(kind, outcome, time.perf_counter() - started)
 
     def _call(self, kind: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
         """The backend's answer object, its refusal raised, or Unavailable."""

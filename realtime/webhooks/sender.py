@@ -81,7 +81,8 @@ class WebhookSender:
         # The batch being delivered (its event ids) and the URLs that already took it.
         self._batch: tuple[str, ...] = ()
         self._delivered: set[str] = set()
-        self.delivered_events = 0
+        self.delivered_events = 0  # events every URL took, since start
+        self.failed_posts = 0  # POSTs that failed (each retried later), since start
         self._running = False
 
     def wake(self) -> None:
@@ -128,6 +129,7 @@ class WebhookSender:
             try:
                 self._post(url, body, headers)
             except DeliveryError as exc:
+                self.failed_posts += 1
                 failures.append(str(exc))
             else:
                 self._delivered.add(url)

@@ -35,6 +35,10 @@ class RecordingTransport:
             self.records.extend(wire)
         return self.backlog
 
+    @property
+    def buffered_bytes(self) -> int:
+        return self.backlog
+
     def pause_reading(self) -> None:
         self.reading = False
 

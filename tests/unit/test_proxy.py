@@ -434,3 +434,38 @@ def test_with_a_jwt_key_too_a_token_is_verified_locally_and_the_rest_go_to_the_b
         assert without.emit("refresh", {"token": signed})["ok"] is False  # another user
     finally:
         instance.stop()
+
+
+def proxy_metrics(node) -> dict[tuple[str, ...], float]:
+    """The node's realtime_proxy_* samples: (name, call[, outcome]) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(node.node.metrics.exposition().decode()):
+        for sample in family.samples:
+            if sample.name in ("realtime_proxy_calls_total", "realtime_proxy_call_seconds_count"):
+                samples[(sample.name, *sample.labels.values())] = sample.value
+    return samples
+
+
+def test_every_proxy_call_is_counted_by_outcome_and_timed(node_with_proxy, backend):
+    assert proxy_metrics(node_with_proxy)[
+        ("realtime_proxy_calls_total", "connect", "answered")] == 0  # there before any call
+    backend.answer("connect", 200, {"user": "alice"})
+    client, _ = client_of(node_with_proxy)
+    backend.answer("subscribe", 200, {"error": {"code": "forbidden", "message": "members"}})
+    client.emit("subscribe", {"channel": "room"})
+    backend.answer("subscribe", 200, {"allow": False})
+    client.emit("subscribe", {"channel": "room"})
+    backend.answers["publish"] = BackendFailure("no answer within 1.5 s")
+    client.emit("publish", {"channel": "room", "data": 1})
+    backend.answer("connect", 200, {"user": ""})  # not an identity: unavailable
+    client_of(node_with_proxy)
+    samples = proxy_metrics(node_with_proxy)
+    calls = {key[1:]: value for key, value in samples.items()
+             if key[0] == "realtime_proxy_calls_total" and value}
+    assert calls == {("connect", "answered"): 1, ("connect", "unavailable"): 1,
+                     ("subscribe", "refused"): 2, ("publish", "unavailable"): 1}
+    timed = {key[1]: value for key, value in samples.items()
+             if key[0] == "realtime_proxy_call_seconds_count"}
+    assert timed == {"connect": 2, "subscribe": 2, "publish": 1}

@@ -289,3 +289,36 @@ def test_presence_refresh_leaves_out_a_subscription_still_being_set_up():
     assert hub.presence_entries() == []
     hub.activate(session, "room", StreamPosition("", 0))
     assert hub.presence_entries() == [("room", "c1", "alice")]
+
+
+def test_the_nodes_metrics_show_webhook_events_sent_dropped_and_failed_posts():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from realtime.broker import MemoryBroker
+    from realtime.node import Node
+    from realtime.presence import MemoryPresenceStore
+
+    receiver = Receiver()
+    store = MemoryTransitionStore(grace=0, queue_limit=2)
+    config = Config(node_id="n1", webhook_urls=["http://a/"], webhook_secret=SECRET)
+    webhooks = Webhooks(config, store, post=receiver)
+    node = Node(config, MemoryBroker(), MemoryPresenceStore(), webhooks)
+
+    def samples():
+        return {sample.name: sample.value
+                for family in text_string_to_metric_families(node.metrics.exposition().decode())
+                for sample in family.samples if sample.name.startswith("realtime_webhook_")}
+
+    assert samples() == {"realtime_webhook_events_sent_total": 0,
+                         "realtime_webhook_events_dropped_total": 0,
+                         "realtime_webhook_post_failures_total": 0}
+    for n in range(3):
+        webhooks.occupied(f"room{n}", "c1")  # the third does not fit
+    receiver.down.add("http://a/")
+    with pytest.raises(DeliveryError):
+        webhooks.sender.deliver_once()
+    receiver.down.clear()
+    assert webhooks.sender.deliver_once() is True
+    assert samples() == {"realtime_webhook_events_sent_total": 2,
+                         "realtime_webhook_events_dropped_total": 1,
+                         "realtime_webhook_post_failures_total": 1}
