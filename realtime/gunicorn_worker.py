@@ -132,7 +132,7 @@ class RealtimeWorker(GeventWorker):
         self.server = node_server(node.config, node.realtime, listener)
 
     def run(self) -> None:
-        from .server import drain
+        from .server import drain, settle_heap
 
         node: GunicornNode = self.wsgi
         realtime, config = node.realtime, node.config
@@ -158,6 +158,7 @@ class RealtimeWorker(GeventWorker):
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             gevent.signal_handler(signum, on_signal, signum)
         heartbeat = gevent.spawn(self._heartbeat)
+        settle_heap()
         server.start()
         try:
             stop_asked.wait()

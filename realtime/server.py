@@ -35,6 +35,7 @@ The server defends the node against slow and numerous connections:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import resource
@@ -669,6 +670,27 @@ class RealtimeServer(pywsgi.WSGIServer):
         super().stop(timeout)
 
 
+# Python's cyclic garbage collector makes a pass over young objects every 700 net allocations,
+# and now and then one over every tracked object. A node's startup objects (Flask, the modules
+# it imported, its configuration: most of its heap) live as long as the process; frozen, the
+# full passes skip them. A batch of publications allocates thousands of short-lived objects:
+# a young threshold of 5,000 makes those passes 7x rarer. Together, POST /api/batch costs a
+# node 15-20% less CPU per publication (bench/RESULTS.md); a single publish, no different.
+GC_YOUNG_THRESHOLD = 5000
+
+
+def settle_heap() -> None:
+    """Collect once, freeze what startup built, make young passes rarer (see above).
+
+    Called once a node is built and started, right before it serves (``realtime serve`` and
+    the gunicorn worker): objects created later are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def raise_open_file_limit() -> int:
     """Raise this process's soft limit on open files to the hard limit; return it.
 
@@ -747,6 +769,7 @@ def serve(config: Config) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, on_signal, signum)
+    settle_heap()
     server.start()
     stop_asked.wait()
     drain(server, realtime, config.drain_timeout, cut_short)

@@ -400,3 +400,27 @@ def test_websockets_the_engine_adopted_count_until_they_close(start_server):
         hold(server)
     finally:
         realtime.stop()
+
+
+def test_settling_the_heap_freezes_what_startup_built_and_makes_young_passes_rarer():
+    # In a child: freezing this test process's heap would change every later test.
+    import subprocess
+    import sys
+
+    from realtime_dev.processes import node_environment
+
+    script = ("import gc\n"
+              "from realtime.app import create_app\n"
+              "from realtime.config import Config\n"
+              "from realtime.server import GC_YOUNG_THRESHOLD, settle_heap\n"
+              "app = create_app(Config(node_id='gc'))\n"
+              "before = gc.get_freeze_count()\n"
+              "settle_heap()\n"
+              "print(before, gc.get_freeze_count(), gc.get_threshold()[0] == GC_YOUNG_THRESHOLD,\n"
+              "      len(gc.get_objects(generation=2)))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=node_environment(), check=True, timeout=60).stdout.split()
+    before, frozen, threshold_set, old_generation = int(out[0]), int(out[1]), out[2], int(out[3])
+    assert before == 0 and frozen > 50_000  # Flask, the modules, the node: frozen
+    assert threshold_set == "True"
+    assert old_generation < 1000  # full passes no longer walk them
