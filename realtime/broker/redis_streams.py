@@ -131,14 +131,6 @@ def _unpack_two(blob: bytes) -> tuple[Any, Any]:
     return header, body
 
 
-def decode_publication_message(channel: str, blob: bytes) -> Publication:
-    """Decode a publication as published by :data:`PUBLISH_SCRIPT`."""
-    kind, publication = decode_message(channel, blob)
-    if kind != "p":
-        raise WireFormatError(f"not a publication but a {kind!r} message")
-    return publication
-
-
 def encode_presence_message(kind: str, user: str) -> bytes:
     """A join (``"j"``) or leave (``"l"``) message on a channel's pub/sub channel."""
     try:
