@@ -36,6 +36,7 @@ from .codecs import PacketError, dumps
 from .config import Config
 from .logs import CONNECTIONS_LOGGER
 from .session import RequestContext, Session, parse_query
+from .sockets import sendall
 from .transports.framing import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -501,7 +502,7 @@ class EngineServer:
                 session = self.new_session(
                     RequestContext.from_environ(environ, self.trusted_proxies))
                 response += encode_packets(["0" + self._open_packet(session, [])])
-            handler.socket.sendall(response)
+            sendall(handler.socket, response)
         except OSError:
             return  # the client left during the handshake
         # Take the descriptor: the handler's socket object forgets it (and does not close

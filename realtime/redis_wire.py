@@ -32,6 +32,7 @@ import redis
 from gevent import Timeout
 
 from .redis_support import LuaScript
+from .sockets import sendall
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ class _PipeConnection:
             while self._outgoing and not self.broken:
                 outgoing = self._outgoing
                 self._outgoing = []
-                self.sock.sendall(b"".join(outgoing) if len(outgoing) > 1 else outgoing[0])
+                sendall(self.sock, b"".join(outgoing) if len(outgoing) > 1 else outgoing[0])
         except OSError as exc:
             self.fail(redis.ConnectionError(f"writing to redis failed: {exc}"))
         except BaseException:

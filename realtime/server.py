@@ -53,6 +53,7 @@ from .config import Config, ConfigError
 from .errors import BadRequest, RealtimeError, Unavailable
 from .http_api import FastRoutes
 from .redis_support import redacted_url
+from .sockets import sendall
 
 logger = logging.getLogger(__name__)
 
@@ -512,8 +513,8 @@ class RealtimeHandler(pywsgi.WSGIHandler):
                         *(f"{name}: {value}\r\n" for name, value in headers),
                         "Connection: close\r\nDate: " if close else "Date: "])
         try:
-            self.socket.sendall(b"".join([head.encode("latin-1"), http_date(), b"\r\n\r\n",
-                                          body]))
+            sendall(self.socket, b"".join([head.encode("latin-1"), http_date(), b"\r\n\r\n",
+                                           body]))
             if unread and not close:
                 self._read_timed(unread, deadline)  # read through what was not needed
         except (OSError, _RequestTimeout):

@@ -24,6 +24,7 @@ from ..redis_support import (
     translate_redis_errors,
 )
 from ..redis_wire import RECV_SIZE, CommandPipe, open_connection, pack_command
+from ..sockets import sendall
 from .base import (
     DEFAULT_IDEMPOTENCY_TTL,
     Broker,
@@ -172,7 +173,7 @@ class RedisBroker(Broker):
             subscriber = self._subscriber
             if subscriber is None:
                 raise redis.ConnectionError("no subscriber connection")
-            subscriber.sendall(pack_command((command, *channels)))
+            sendall(subscriber, pack_command((command, *channels)))
 
     # -- the reader --------------------------------------------------------------------------
 

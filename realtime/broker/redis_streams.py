@@ -18,8 +18,9 @@ of a stream expires by itself (the list ``ttl`` after the last publication, the 
 
 from __future__ import annotations
 
+import base64
 import logging
-import secrets
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -257,5 +258,11 @@ def _text(value: bytes | str) -> str:
 
 
 def _new_epoch() -> str:
-    """A candidate epoch; the script keeps it only when the stream is new."""
-    return secrets.token_urlsafe(6)
+    """A candidate epoch; the script keeps it only when the stream is new.
+
+    48 random bits, as ``secrets.token_urlsafe(6)`` gave, but from ``random`` (seeded from
+    the OS, seeded again in a forked child): an epoch tells stream incarnations apart and is
+    no secret, and ``os.urandom``'s system call on every publish was 9% of a node's time on
+    POST /api/publish (py-spy ``--native``).
+    """
+    return base64.urlsafe_b64encode(random.randbytes(6)).decode()

@@ -7,8 +7,10 @@ import pytest
 import redis
 from gevent.server import StreamServer
 
+from realtime import redis_wire
 from realtime.redis_support import LuaScript
 from realtime.redis_wire import CommandPipe, open_connection
+from realtime.sockets import sendall
 from realtime_dev.processes import free_port
 from tests.contract.broker_contract import unique
 from tests.helpers import wait_until
@@ -43,23 +45,16 @@ def test_commands_of_many_greenlets_run_in_call_order(make_pipe, admin):
     assert admin.get(key) == b"300"
 
 
-def test_commands_submitted_in_one_loop_turn_share_one_write(make_pipe, admin):
+def test_commands_submitted_in_one_loop_turn_share_one_write(make_pipe, admin, monkeypatch):
     pipe, key = make_pipe(), unique("counter")
     pipe.call("PING")  # connected
     writes = []
 
-    class CountingSocket:
-        def __init__(self, sock):
-            self._sock = sock
+    def counting_sendall(sock, data):
+        writes.append(data)
+        return sendall(sock, data)
 
-        def sendall(self, data, *args):
-            writes.append(data)
-            return self._sock.sendall(data, *args)
-
-        def __getattr__(self, name):
-            return getattr(self._sock, name)
-
-    pipe._connection.sock = CountingSocket(pipe._connection.sock)
+    monkeypatch.setattr(redis_wire, "sendall", counting_sendall)
     calls = [gevent.spawn(pipe.call, "INCR", key) for _ in range(50)]
     gevent.joinall(calls, timeout=10, raise_error=True)
     assert len(writes) == 1 and admin.get(key) == b"50"
