@@ -11,6 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import gevent.socket
+
+# Exactly gevent's plain TCP socket: its subclasses (gevent.ssl.SSLSocket) must encrypt what
+# they send, and other objects (a test's fake) have only sendall.
+_PLAIN_SOCKET = gevent.socket.socket
+
 
 def sendall(sock: Any, data: bytes) -> None:
     """Send all of ``data`` on gevent socket ``sock``, as ``sock.sendall(data)`` does.
@@ -18,8 +24,12 @@ def sendall(sock: Any, data: bytes) -> None:
     The common case, a write the kernel takes whole, is one ``send`` on the non-blocking
     socket under gevent's (``sock._sock``); what it leaves goes through ``sock.sendall``,
     which waits for the socket to be writable, cooperatively, within the socket's timeout.
-    Raises ``OSError`` as ``sock.sendall`` would.
+    Any other kind of socket (TLS, say) just gets ``sock.sendall``. Raises ``OSError`` as
+    ``sock.sendall`` would.
     """
+    if type(sock) is not _PLAIN_SOCKET:
+        sock.sendall(data)
+        return
     try:
         sent = sock._sock.send(data)
     except BlockingIOError:

@@ -41,3 +41,16 @@ def test_a_write_to_a_closed_peer_raises_oserror():
         except OSError:
             return
         raise AssertionError("no OSError")
+
+
+def test_a_tls_socket_or_anything_else_is_left_to_its_own_sendall():
+    class Other:
+        def __init__(self):
+            self.sent = []
+
+        def sendall(self, data):
+            self.sent.append(data)
+
+    other = Other()
+    sendall(other, b"through sendall")
+    assert other.sent == [b"through sendall"]
