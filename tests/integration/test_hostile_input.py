@@ -111,7 +111,6 @@ PUBLISH_PERIOD = 0.05
 RESPONSIVE_WITHIN = 1.0
 
 WEBSOCKET_EXAMPLES = 120
-POLLING_EXAMPLES = 100
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -624,11 +623,15 @@ def records_body(records: list[str]) -> bytes:
     return "\x1e".join(records).encode()
 
 
+# The kinds of polling body the fuzz sends, and the examples of each (100 in all). Each kind is
+# a test of its own: drawn from one strategy, hypothesis's skewed choices left some kinds
+# untried in some runs (its derandomized examples still vary from run to run).
+POLLING_KINDS = {"valid": 28, "empty_record": 10, "base64_garbage": 10, "not_utf8": 10,
+                 "empty": 3, "random": 10, "hostile": 16, "oversize": 10, "packet_too_big": 3}
+
+
 @st.composite
-def polling_cases(draw: st.DrawFn) -> PollingCase:
-    kind = draw(st.sampled_from(["valid", "valid", "valid", "empty_record", "base64_garbage",
-                                 "not_utf8", "empty", "random", "hostile", "oversize",
-                                 "packet_too_big"]))
+def polling_cases(draw: st.DrawFn, kind: str) -> PollingCase:
     content_length, send_body, expect = None, True, frozenset({400})
     records = draw(st.lists(benign_packets(), min_size=1, max_size=4))
     if kind == "valid":
@@ -702,13 +705,12 @@ def check_polling_reply(case: PollingCase, reply: HttpReply) -> None:
                                 else "bad_request")
 
 
-@pytest.mark.timeout(fuzz_timeout(POLLING_EXAMPLES, 0.1))
+@pytest.mark.parametrize("kind", POLLING_KINDS)
+@pytest.mark.timeout(fuzz_timeout(max(POLLING_KINDS.values()), 0.1))
 def test_generated_polling_bodies_get_clean_refusals_while_a_client_carries_on(
-        node, bystander, watch):
-    seen: dict[str, int] = {}
-
-    @fuzz_settings(POLLING_EXAMPLES)
-    @given(case=polling_cases())
+        node, bystander, watch, kind):
+    @fuzz_settings(POLLING_KINDS[kind])
+    @given(case=polling_cases(kind))
     def fuzz(case: PollingCase) -> None:
         sid = polling_session(node.port, connect=case.connect)
         with RawHttp(node.port) as http:
@@ -725,11 +727,9 @@ def test_generated_polling_bodies_get_clean_refusals_while_a_client_carries_on(
             assert answered.status == 200
             for record in answered.records:
                 check_polling_record(record)
-        seen[case.kind] = seen.get(case.kind, 0) + 1
         watch.assert_log_clean()
 
     fuzz()
-    assert len(seen) >= 8, seen
     watch.assert_log_clean()
     bystander.assert_received_everything()
     watch.assert_back_to_start()
