@@ -1,10 +1,11 @@
 """Child processes for the local cluster, the tests and the bench: started, waited on, stopped.
 
-Every process is started in a session of its own and stopped by pid, never by name. Two kinds:
-:class:`Child`, a part of a :class:`~realtime_dev.cluster.LocalCluster` (or of a bench target)
-that can be started again with the same command line; :class:`ManagedProcess` and its
-:class:`NodeProcess` and :class:`RedisProcess`, the processes of one integration test. The
-functions poll what a process offers: a TCP port, a Redis PING, an HTTP 200.
+Every process is started in a session of its own and stopped by pid, never by name, by one
+class: :class:`Child`, a part of a :class:`~realtime_dev.cluster.LocalCluster` (or of a bench
+target) that can be started again with the same command line. :class:`ManagedProcess` and its
+:class:`NodeProcess` and :class:`RedisProcess`, the processes of one integration test, are a
+Child with a test's interface (a fresh log, ``stop()`` answering the exit status, readiness
+checks). The functions poll what a process offers: a TCP port, a Redis PING, an HTTP 200.
 
 A node runs the realtime this process imported (:func:`node_command`): the installed one, or
 the one of the source checkout, whichever ``import realtime`` found.
@@ -163,7 +164,8 @@ class Child:
 
     def __init__(self, kind: str, name: str, argv: Sequence[str], log_path: Path, *,
                  url: str | None = None, extra_log: Path | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path | str | None = None,
+                 fresh_log: bool = False) -> None:
         self.kind = kind
         self.name = name
         self.argv = list(argv)
@@ -171,12 +173,13 @@ class Child:
         self.url = url
         self.extra_log = extra_log
         self.env = None if env is None else dict(env)
-        # The child keeps its own copy of the descriptor; appending keeps the log of an earlier
-        # run of the same node when it is started again.
-        with open(log_path, "ab") as log:
+        self.cwd = cwd
+        # The child keeps its own copy of the descriptor. Appending keeps the log of an
+        # earlier run of the same node when it is started again; ``fresh_log`` starts it over.
+        with open(log_path, "wb" if fresh_log else "ab") as log:
             self.process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, start_new_session=True)
+                env=self.env, cwd=cwd, start_new_session=True)
         self.pid = self.process.pid
         self.started_at = time.monotonic()
         self._stop_logged = False
@@ -197,7 +200,7 @@ class Child:
     def respawn(self) -> Child:
         """A new process of this child: the same command line, environment and log files."""
         return Child(self.kind, self.name, self.argv, self.log_path, url=self.url,
-                     extra_log=self.extra_log, env=self.env)
+                     extra_log=self.extra_log, env=self.env, cwd=self.cwd)
 
     def exit_description(self) -> str:
         """How the process ended: ``status 1``, ``signal SIGKILL``; ``running`` if it has not."""
@@ -286,7 +289,8 @@ def stop_children(children: Sequence[Child], timeout: float = STOP_TIMEOUT, *,
 
 
 class ManagedProcess:
-    """A child process of a test with its log file; :meth:`stop` ends it by pid and reaps it.
+    """A child process of a test with its log file (a fresh one); :meth:`stop` ends it by pid,
+    reaps it, and kills whatever it left in its session (a :class:`Child` underneath).
 
     It runs in a session of its own, in ``cwd`` (default: this process's working directory).
     """
@@ -295,37 +299,29 @@ class ManagedProcess:
                  env: Mapping[str, str] | None = None, cwd: Path | str | None = None) -> None:
         self.name = name
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                        cwd=cwd, env=None if env is None else dict(env),
-                                        start_new_session=True)
-        self.pid = self.process.pid
+        self.child = Child("process", name, argv, log_path, env=env, cwd=cwd, fresh_log=True)
+        self.process = self.child.process
+        self.pid = self.child.pid
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return self.child.alive()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
-        if self.alive():
-            os.kill(self.pid, signum)
+        self.child.send_signal(signum)
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; return the exit status."""
         self.signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            code = self.process.wait(timeout)
-        self._log.close()
-        return code
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        self.child.kill(timeout)  # the process if it is still there, and what it started
+        return self.process.wait(timeout)
 
     def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        self.process.wait(10)
-        self._log.close()
+        self.child.kill()
 
     def _check_alive(self) -> None:
         if not self.alive():
