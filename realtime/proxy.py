@@ -220,7 +220,7 @@ class BackendProxy:
             result = decide()
             outcome = "answered"
             return result
-        except Unavailable:
+        except Unavailable:  # a RealtimeError too, but no decision: not a refusal
             raise
         except RealtimeError:
             outcome = "refused"
