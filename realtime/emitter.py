@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from .broker.base import HistoryOptions, PublishRequest, StreamPosition
+from .broker.base import HistoryOptions, PublishRequest, StreamPosition, publish_by_history
 from .broker.redis_streams import RedisStreams
 from .channels import ChannelPolicy, validate_channel
 from .config import Config
@@ -92,23 +92,12 @@ class Emitter:
         request's ``user`` is the publication's ``user`` (None, as :meth:`publish` sends, for
         a backend).
         """
-        results: list[StreamPosition | RealtimeError | None] = [None] * len(requests)
-        groups: dict[HistoryOptions, tuple[list[PublishRequest], list[int]]] = {}
-        for slot, request in enumerate(requests):
-            try:
-                history = self._checked(request.channel, request.data)
-                check_idempotency_key(request.idempotency_key)
-            except RealtimeError as exc:
-                results[slot] = exc
-                continue
-            accepted, slots = groups.setdefault(history, ([], []))
-            accepted.append(request)
-            slots.append(slot)
-        for history, (accepted, slots) in groups.items():
-            for slot, result in zip(slots, self._streams.publish_many(accepted, history),
-                                    strict=True):
-                results[slot] = result
-        return results  # type: ignore[return-value]  # every slot is filled by now
+        def checked(request: PublishRequest) -> HistoryOptions:
+            history = self._checked(request.channel, request.data)
+            check_idempotency_key(request.idempotency_key)
+            return history
+
+        return publish_by_history(requests, checked, self._streams.publish_many)
 
     def broadcast(self, channels: list[str], data: Any, *,
                   idempotency_key: str | None = None) -> list[tuple[str, StreamPosition]]:

@@ -25,9 +25,10 @@ from .broker.base import (
     Publication,
     PublishRequest,
     StreamPosition,
+    publish_by_history,
 )
 from .channels import ChannelPolicy
-from .config import Config
+from .config import Config, NamespaceConfig
 from .continuity import Continuity
 from .control import ControlMessageError, decode_control, encode_control
 from .errors import Forbidden, RealtimeError
@@ -271,53 +272,31 @@ class Node:
         kept; who may publish is the edges' business (clients are checked by the protocol,
         backends are trusted). A repeated ``idempotency_key`` gets the first position back.
         """
-        results: list[StreamPosition | RealtimeError | None] = [None] * len(requests)
-        # Requests of one history setting go to the broker together (usually all of them).
-        groups: dict[HistoryOptions, tuple[list[PublishRequest], list[int]]] = {}
-        for index, request in enumerate(requests):
-            try:
-                self.check_data_size(request.channel, request.data)
-            except RealtimeError as exc:
-                results[index] = exc
-                continue
-            accepted, slots = groups.setdefault(self.history_options_for(request.channel),
-                                                ([], []))
-            accepted.append(request)
-            slots.append(index)
-        made = 0
-        for options, (accepted, slots) in groups.items():
-            published = self.broker.publish_many(accepted, history=options)
-            for index, result in zip(slots, published, strict=True):
-                results[index] = result
-                made += not isinstance(result, RealtimeError)
-        self.counters.publications += made
-        return results  # type: ignore[return-value]  # every slot is filled by now
-
-    def broadcast(self, channels: list[str], data: Any, *,
-                  idempotency_key: str | None = None) -> list[tuple[str, StreamPosition]]:
-        """Publish the same ``data`` on each channel, with one round trip to the broker.
-
-        Raises the first error if any channel refused it; the others may have been published
-        then, so a retry should carry an ``idempotency_key`` (it applies per channel): the
-        channels already published answer their first position and publish nothing again.
-        """
-        for channel in channels:
-            self.check_data_size(channel, data)
-        results = self.publish_many([PublishRequest(channel, data, None, idempotency_key)
-                                     for channel in channels])
-        for result in results:
-            if isinstance(result, RealtimeError):
-                raise result
-        return list(zip(channels, results, strict=True))  # type: ignore[arg-type]
+        results = publish_by_history(
+            requests, self._checked_history,
+            lambda accepted, history: self.broker.publish_many(accepted, history=history))
+        self.counters.publications += sum(
+            not isinstance(result, RealtimeError) for result in results)
+        return results
 
     def check_data_size(self, channel: str, data: Any) -> None:
         """Raise unless ``data`` is a JSON value within ``channel``'s namespace's limit."""
         limit = self.channels.rules(channel).max_message_size or self.config.max_message_size
         check_publication_data(data, limit)
 
+    def _checked_history(self, request: PublishRequest) -> HistoryOptions:
+        """Raise unless ``request``'s data is within its namespace's limit; its channel's
+        history options (one look at the namespace's rules for both)."""
+        rules = self.channels.rules(request.channel)
+        check_publication_data(request.data,
+                               rules.max_message_size or self.config.max_message_size)
+        return self._history_options_of(rules)
+
     def history_options_for(self, channel: str) -> HistoryOptions:
         """How much of ``channel``'s stream is kept: its namespace's setting, or the node's."""
-        rules = self.channels.rules(channel)
+        return self._history_options_of(self.channels.rules(channel))
+
+    def _history_options_of(self, rules: NamespaceConfig) -> HistoryOptions:
         if rules.history_size is None and rules.history_ttl is None:
             return self.history_options
         key = (rules.history_size or self.config.history_size,

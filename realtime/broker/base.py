@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..errors import RealtimeError
@@ -86,6 +86,36 @@ class HistoryOptions:
     size: int
     ttl: float
     meta_ttl: float = 86400.0
+
+
+def publish_by_history(
+        requests: Sequence[PublishRequest], history_of: Callable[[PublishRequest], HistoryOptions],
+        publish_many: Callable[[list[PublishRequest], HistoryOptions],
+                               list[StreamPosition | RealtimeError]],
+) -> list[StreamPosition | RealtimeError]:
+    """Make ``requests`` in order, the ones of each history setting together.
+
+    ``history_of(request)`` checks a request (raising the :class:`RealtimeError` that refuses
+    it) and answers how much of its channel's stream is kept; each setting's requests go to
+    ``publish_many(requests, history)`` at once (one round trip on Redis). A channel belongs to
+    one namespace, so its requests keep their order. Each request gets its position or the
+    error that refused it, in order.
+    """
+    results: list[StreamPosition | RealtimeError | None] = [None] * len(requests)
+    groups: dict[HistoryOptions, tuple[list[PublishRequest], list[int]]] = {}
+    for slot, request in enumerate(requests):
+        try:
+            history = history_of(request)
+        except RealtimeError as exc:
+            results[slot] = exc
+            continue
+        accepted, slots = groups.setdefault(history, ([], []))
+        accepted.append(request)
+        slots.append(slot)
+    for history, (accepted, slots) in groups.items():
+        for slot, result in zip(slots, publish_many(accepted, history), strict=True):
+            results[slot] = result
+    return results  # type: ignore[return-value]  # every slot is filled by now
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from realtime.broker import MemoryBroker
+from realtime.broker.base import PublishRequest
 from realtime.config import Config
 from realtime.control import encode_control
 from realtime.metrics import Counters, disconnect_reason, merge_stats
@@ -43,7 +44,7 @@ def test_deliveries_count_each_publication_once_per_recipient(node):
         subscribed(node, f"c{index}", "room")
     subscribed(node, "other", "elsewhere")
     node.publish("room", 1)
-    node.broadcast(["room", "elsewhere"], 2)
+    node.publish_many([PublishRequest("room", 2), PublishRequest("elsewhere", 2)])
     assert node.counters.publications == 3
     wait_until(lambda: node.counters.deliveries == 3 + 3 + 1, message="every delivery")
 
