@@ -52,10 +52,8 @@ class ClientProtocol:
             if self.proxy is not None and config.proxy_connect_url
             else create_authenticator(config))
         # Headers a session keeps after connect: those the subscribe/publish backends get.
-        self.kept_headers = self.proxy.header_names if self.proxy is not None and (
-            config.proxy_subscribe_url or config.proxy_publish_url or any(
-                namespace.proxy_subscribe_url or namespace.proxy_publish_url
-                for namespace in config.namespaces.values())) else ()
+        self.kept_headers = self.proxy.header_names \
+            if self.proxy is not None and self.proxy.decides_events else ()
         self._handlers: dict[str, Callable[[Session, dict], Ack]] = {
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,

@@ -141,6 +141,9 @@ class BackendProxy:
         self.header_names = config.proxy_header_names
         self.timeout = config.proxy_timeout
         self.post = poster or HttpPoster()
+        # Whether any backend decides subscribes or publishes (then sessions keep the listed
+        # headers after connect, for those calls).
+        self.decides_events = _names_event_backend(config)
         self._urls: dict[tuple[str, str], str] = {}
         self._warned: dict[str, float] = {}
         # Told (call, outcome, seconds) after every call: the node's metrics, when set.
@@ -151,10 +154,7 @@ class BackendProxy:
     @classmethod
     def from_config(cls, config: Config) -> BackendProxy | None:
         """The proxy the configuration asks for; None when it names no backend at all."""
-        urls = [config.proxy_connect_url, config.proxy_subscribe_url, config.proxy_publish_url]
-        for namespace in config.namespaces.values():
-            urls += [namespace.proxy_subscribe_url or "", namespace.proxy_publish_url or ""]
-        return cls(config) if any(urls) else None
+        return cls(config) if config.proxy_connect_url or _names_event_backend(config) else None
 
     def subscribe_url(self, channel: str) -> str:
         """The backend that decides subscribes to ``channel`` ("" when none does)."""
@@ -255,6 +255,13 @@ class BackendProxy:
             logger.warning("%s backend %s failed: %s (clients get unavailable; further "
                            "failures in the next %g s are not logged)", kind, url, what,
                            WARNING_INTERVAL, extra={"code": "unavailable"})
+
+
+def _names_event_backend(config: Config) -> bool:
+    """Whether ``config`` names a subscribe or publish backend, node-wide or for a namespace."""
+    return bool(config.proxy_subscribe_url or config.proxy_publish_url or any(
+        namespace.proxy_subscribe_url or namespace.proxy_publish_url
+        for namespace in config.namespaces.values()))
 
 
 def _answer(status: int, raw: bytes) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import resource
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -148,7 +149,8 @@ class LaneRequest:
         self.close = fields.get(b"connection", b"").lower() == b"close"
 
 
-def parse_lane_request(buffered: bytes, body_limit: Any) -> LaneRequest | None:
+def parse_lane_request(buffered: bytes, body_limit: Callable[[str], int | None],
+                       ) -> LaneRequest | None:
     """The API-lane request at the start of ``buffered``, or None when it is not one the lane
     serves as the general path would (then nothing about it is decided here).
 
