@@ -561,27 +561,14 @@ class Worker:
                 mine, made = range(lane, users, lanes), 0
                 while time.monotonic() < deadline:
                     next(counter)
-                    await send(http, json.dumps(
-                        {"channel": channel.format(i=mine[made % len(mine)]),
-                         "data": payload(pub_id, made // len(mine), size)},
-                        separators=(",", ":")).encode())
-                    made += 1
-
-            async def flat_out_batches(http: HttpClient, lane: int) -> None:
-                mine, made = range(lane, users, lanes), 0
-                while time.monotonic() < deadline:
-                    next(counter)
-                    numbers = range(made, made + batch)
+                    publications = [{"channel": channel.format(i=mine[n % len(mine)]),
+                                     "data": payload(pub_id, n // len(mine), size)}
+                                    for n in range(made, made + batch)]
                     made += batch
-                    await send(http, batch_body(
-                        {"channel": channel.format(i=mine[n % len(mine)]),
-                         "data": payload(pub_id, n // len(mine), size)} for n in numbers))
+                    await send(http, batch_body(publications) if batch > 1 else json.dumps(
+                        publications[0], separators=(",", ":")).encode())
 
-            if batch > 1:
-                await asyncio.gather(*(flat_out_batches(clients[lane], lane)
-                                       for lane in range(lanes)))
-            else:
-                await asyncio.gather(*(flat_out(clients[lane], lane) for lane in range(lanes)))
+            await asyncio.gather(*(flat_out(clients[lane], lane) for lane in range(lanes)))
             ended = time.monotonic()
             sent = next(counter) * batch
         for http in clients:
