@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.event
 
-from .codecs import PacketError, dumps
+from .codecs import PacketError
 from .config import Config
+from .jsontext import dumps
 from .logs import CONNECTIONS_LOGGER
 from .session import RequestContext, Session, parse_query
 from .sockets import sendall

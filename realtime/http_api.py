@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import json
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,7 +31,6 @@ from werkzeug.http import HTTP_STATUS_CODES
 from .broker.base import PublishRequest, StreamPosition
 from .channels import validate_channel
 from .client_address import client_address, is_loopback
-from .codecs import dumps
 from .config import Config
 from .engineio import host_allowed
 from .errors import (
@@ -44,6 +42,7 @@ from .errors import (
     TooLarge,
     Unauthorized,
 )
+from .jsontext import dumps, loads
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Counters
 from .node import Node
@@ -477,7 +476,7 @@ def _is_json(content_type: str | None) -> bool:
 def _json_object(raw: bytes) -> dict:
     """``raw`` parsed as a JSON object; BadRequest for anything else."""
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         body = None
     if not isinstance(body, dict):

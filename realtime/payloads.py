@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import msgpack
 
 from .errors import BadRequest, TooLarge
+from .jsontext import dumps_utf8
 
 # The longest idempotency key a publish may carry (Centrifugo's limit too).
 MAX_IDEMPOTENCY_KEY = 64
@@ -18,10 +18,6 @@ MAX_IDEMPOTENCY_KEY = 64
 MAX_NESTING = 100
 
 
-# One encoder for every check (json.dumps with options builds one per call).
-_CHECKING_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def check_publication_data(data: Any, max_size: int) -> None:
     """Raise unless ``data`` is a JSON value whose compact encoding fits in ``max_size`` bytes.
 
@@ -30,7 +26,7 @@ def check_publication_data(data: Any, max_size: int) -> None:
     integers fit in 64 bits and arrays and objects nest at most :data:`MAX_NESTING` deep.
     """
     try:
-        encoded = _CHECKING_ENCODER.encode(data).encode()
+        encoded = dumps_utf8(data)
     except RecursionError:
         raise BadRequest("data is nested too deeply") from None
     except UnicodeEncodeError:
@@ -48,8 +44,10 @@ def check_publication_data(data: Any, max_size: int) -> None:
         msgpack.packb(data)
     except OverflowError:
         raise BadRequest("data has an integer that does not fit in 64 bits") from None
-    except (ValueError, TypeError):
+    except ValueError:
         raise BadRequest("data is nested too deeply") from None
+    except TypeError:  # a value JSON writes and msgpack does not (orjson writes a UUID)
+        raise BadRequest("data must be a JSON value") from None
 
 
 def check_idempotency_key(key: object) -> str | None:

@@ -29,7 +29,6 @@ import gevent.lock
 import gevent.socket
 import hiredis
 import redis
-from gevent import Timeout
 
 from .redis_support import LuaScript
 from .sockets import sendall
@@ -120,9 +119,9 @@ class CommandPipe:
         if connection is None or connection.broken:
             connection = self._connect()
         started = time.perf_counter()
-        reply = connection.submit(pack_command(args))
+        replies = connection.submit([pack_command(args)])
         try:
-            value = reply.get(timeout=self._timeout)
+            (value,) = replies.get(timeout=self._timeout)
         except gevent.Timeout:
             connection.fail(redis.TimeoutError(
                 f"redis did not answer within {self._timeout:g}s"))
@@ -145,22 +144,16 @@ class CommandPipe:
         if connection is None or connection.broken:
             connection = self._connect()
         started = time.perf_counter()
-        replies = connection.submit_many([pack_command(tuple(args)) for args in commands])
-        values = []
-        deadline = Timeout.start_new(self._timeout)
+        replies = connection.submit([pack_command(tuple(args)) for args in commands])
         try:
-            for reply in replies:
-                value = reply.get()
-                values.append(redis.ResponseError(str(value))
-                              if isinstance(value, hiredis.ReplyError) else value)
-        except Timeout as exc:
-            if exc is not deadline:
-                raise
+            values = replies.get(timeout=self._timeout)
+        except gevent.Timeout:
             error = redis.TimeoutError(f"redis did not answer within {self._timeout:g}s")
             connection.fail(error)
             raise error from None
-        finally:
-            deadline.close()
+        for index, value in enumerate(values):
+            if isinstance(value, hiredis.ReplyError):
+                values[index] = redis.ResponseError(str(value))
         if self.on_round_trip is not None:  # one round trip for the whole pipeline
             self.on_round_trip(time.perf_counter() - started)
         return values
@@ -237,17 +230,21 @@ class _PipeConnection:
         self.broken = False
         self._outgoing: list[bytes] = []
         self._writing = False
-        self._waiting: collections.deque[gevent.event.AsyncResult] = collections.deque()
+        # What each submission waits for, in the order Redis answers: (how many replies, the
+        # replies so far, set to them all once complete). One waiter per submission, not per
+        # command: an AsyncResult per command was 5% of a batch's CPU (py-spy,
+        # bench/profile_http.py --batch 100).
+        self._waiting: collections.deque[tuple[int, list[Any], gevent.event.AsyncResult]] = \
+            collections.deque()
         self._reader = gevent.spawn(self._read_forever)
 
-    def submit(self, command: bytes) -> gevent.event.AsyncResult:
-        return self.submit_many([command])[0]
-
-    def submit_many(self, commands: list[bytes]) -> list[gevent.event.AsyncResult]:
+    def submit(self, commands: list[bytes]) -> gevent.event.AsyncResult:
+        """Send ``commands`` (packed); the result is set to their replies, in order, or fails
+        with the connection's error."""
         if self.broken:
             raise redis.ConnectionError("the redis connection broke")
-        replies = [gevent.event.AsyncResult() for _ in commands]
-        self._waiting.extend(replies)
+        replies = gevent.event.AsyncResult()
+        self._waiting.append((len(commands), [], replies))
         self._outgoing.extend(commands)
         if not self._writing:
             # Yield once before writing: the greenlets the event loop has ready in this turn
@@ -286,8 +283,8 @@ class _PipeConnection:
         self.broken = True
         self._outgoing.clear()
         waiting, self._waiting = self._waiting, collections.deque()
-        for reply in waiting:
-            reply.set_exception(exc)
+        for _, _, replies in waiting:
+            replies.set_exception(exc)
         self.sock.close()
         if self._reader is not gevent.getcurrent():
             self._reader.kill(block=False)
@@ -300,10 +297,15 @@ class _PipeConnection:
                 if not data:
                     raise redis.ConnectionError("redis closed the connection")
                 reader.feed(data)
+                waiting = self._waiting
                 while (reply := reader.gets()) is not False:
-                    if not self._waiting:
+                    if not waiting:
                         raise redis.ConnectionError("redis sent a reply nobody asked for")
-                    self._waiting.popleft().set(reply)
+                    expected, values, replies = waiting[0]
+                    values.append(reply)
+                    if len(values) == expected:
+                        waiting.popleft()
+                        replies.set(values)
         except redis.ConnectionError as exc:
             self.fail(exc)
         except OSError as exc:
