@@ -57,10 +57,12 @@ async def _subscribe(port: int, count: int, recorder: Recorder) -> list:
 
 
 async def _load(port: int, path: str, connections: int, duration: float,
-                batch: int, users: int) -> tuple[int, int]:
+                batch: int, users: int, requests: int | None = None) -> tuple[int, int]:
+    """POST for ``duration`` s (or until ``requests`` requests were made); (published, errors)."""
     clients = [await HttpClient.open("127.0.0.1", port) for _ in range(connections)]
     done, errors = 0, 0
     deadline = time.monotonic() + duration
+    left = [requests if requests is not None else -1]
 
     def body(i: int) -> bytes:
         publication = {"channel": f"user:u{i % users}", "data": {"n": i, "pad": "x" * 80}}
@@ -72,7 +74,8 @@ async def _load(port: int, path: str, connections: int, duration: float,
     async def lane(client: HttpClient, lane_id: int) -> None:
         nonlocal done, errors
         i = lane_id
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and left[0] != 0:
+            left[0] -= 1
             status, _ = await client.post(path, body(i))
             if status == 200:
                 done += batch or 1

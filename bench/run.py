@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="notify scenario users (default: 10000)")
     parser.add_argument("--notify-rate", type=float, default=1000.0,
                         help="notify publishes/s for the latency step (default: 1000)")
+    parser.add_argument("--notify-connections", type=_positive_int, default=64,
+                        help="notify: keep-alive connections of the HTTP publisher, spread "
+                             "over the nodes (default: 64; issue 12's setup: 16 to one node, "
+                             "--nodes 1)")
     parser.add_argument("--capacity-one-node", type=_positive_int, default=20000,
                         help="capacity connections on one node (default: 20000)")
     parser.add_argument("--capacity-cluster", type=_positive_int, default=60000,
@@ -344,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         idle_connections=args.idle_connections, capacity_one_node=args.capacity_one_node,
         capacity_cluster=args.capacity_cluster, capacity_nodes=args.capacity_nodes,
         notify_users=args.notify_users, notify_rate=args.notify_rate,
+        notify_connections=args.notify_connections,
         churn_concurrency=args.churn_concurrency, stalled=args.stalled,
         browser_clients=args.browser_clients, browser_concurrency=args.browser_concurrency,
         browser_rate=args.browser_rate, browser_duration=args.browser_duration,
@@ -388,7 +393,7 @@ def _make_quick(settings: Any, argv: list[str]) -> None:
     unless("--soak-sample", "soak_sample", 0.25)
     settings.floor_duration = 0.5
     settings.idle_hold = 0.5
-    settings.notify_connections = 2
+    unless("--notify-connections", "notify_connections", 2)
     settings.drain_idle = 1.0
     settings.overload = False
 

@@ -333,15 +333,16 @@ class NodeProcess(ManagedProcess):
     """A realtime node (``realtime serve``) on a free loopback port, logging to ``log_dir``."""
 
     def __init__(self, log_dir: Path, node_id: str, *extra: str, port: int | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, wrapper: Sequence[str] = ()) -> None:
+        """``wrapper``: a command the node runs under (``valgrind --tool=callgrind ...``)."""
         self.node_id = node_id
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Stopping a node drains it (SIGTERM): a short drain keeps teardowns quick when a test
         # leaves clients connected. Tests of the drain pass their own.
         drain = () if "--drain-timeout" in extra else ("--drain-timeout", "2")
-        argv = node_command("serve", "--port", str(self.port), "--node-id", node_id, *drain,
-                            *extra)
+        argv = [*wrapper, *node_command("serve", "--port", str(self.port), "--node-id",
+                                         node_id, *drain, *extra)]
         environ = node_environment({**os.environ, **(env or {})})
         super().__init__(f"node {node_id}", argv, log_dir / f"{node_id}.log", environ)
 

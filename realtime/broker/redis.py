@@ -36,7 +36,12 @@ from .base import (
     PublishRequest,
     StreamPosition,
 )
-from .redis_streams import RedisStreams, WireFormatError, decode_message, encode_presence_message
+from .redis_streams import (
+    MessageDecoder,
+    RedisStreams,
+    WireFormatError,
+    encode_presence_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +99,7 @@ class RedisBroker(Broker):
         self._resuming = False
         self._ever_connected = False
         self._metrics: BrokerMetrics | None = None
+        self._decoder = MessageDecoder()  # the reader's
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -279,7 +285,7 @@ class RedisBroker(Broker):
             return  # still arriving after an UNSUBSCRIBE
         channel = redis_channel[len(PUBSUB_CHANNEL_PREFIX):].decode()
         try:
-            kind, value = decode_message(channel, blob)
+            kind, value = self._decoder.decode(channel, blob)
         except WireFormatError as exc:
             logger.warning("dropped a message on %s that does not decode: %s", channel, exc)
             return

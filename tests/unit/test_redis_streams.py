@@ -9,6 +9,7 @@ import pytest
 from realtime.broker.base import Publication
 from realtime.broker.redis_streams import (
     WIRE_VERSION,
+    MessageDecoder,
     WireFormatError,
     decode_message,
     encode_presence_message,
@@ -60,3 +61,19 @@ def test_integer_map_keys_in_data_survive():
 def test_anything_else_is_a_wire_format_error(blob):
     with pytest.raises(WireFormatError):
         decode_message("room", blob)
+
+
+def test_one_decoder_reads_every_message_after_bad_and_overlong_ones():
+    # The broker's reader keeps one decoder for all messages: a message that fails, or that
+    # has bytes after its last object, must not leave anything behind for the next one.
+    decoder = MessageDecoder()
+    good = publication_message(WIRE_VERSION, "p", 7, "ep0ch")
+    expected = ("p", Publication("room", 7, {"n": 1}, "alice", "ep0ch"))
+    for bad in (good[:-3], b"\xc1", publication_message(WIRE_VERSION, "p", 1, "e", body=b"")):
+        with pytest.raises(WireFormatError):
+            decoder.decode("room", bad)
+        assert decoder.decode("room", good) == expected
+    assert decoder.decode("room", good + b"\x93\x01") == expected  # trailing bytes dropped
+    assert decoder.decode("room", good) == expected
+    assert decoder.decode("room", encode_presence_message("j", "bob") + b"\x01") == ("j", "bob")
+    assert decoder.decode("room", good) == expected
