@@ -31,7 +31,7 @@ import hiredis
 import redis
 
 from .redis_support import LuaScript
-from .sockets import sendall
+from .sockets import recv_when_readable, sendall
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class _PipeConnection:
         reader = hiredis.Reader()
         try:
             while not self.broken:
-                data = self.sock.recv(RECV_SIZE)
+                data = recv_when_readable(self.sock, RECV_SIZE)
                 if not data:
                     raise redis.ConnectionError("redis closed the connection")
                 reader.feed(data)

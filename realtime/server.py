@@ -54,7 +54,7 @@ from .config import Config, ConfigError
 from .errors import BadRequest, RealtimeError, Unavailable
 from .http_api import FastRoutes
 from .redis_support import redacted_url
-from .sockets import sendall
+from .sockets import sendall, wait_readable
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +377,9 @@ class RealtimeHandler(pywsgi.WSGIHandler):
         self._started = 0.0  # when the budget of the request being read started (monotonic)
         self._answered = False  # a request was served on this connection (keep-alive)
         self._received = False  # a byte of the request being read has arrived
+        # The read buffer is known to be empty: the API lane read all it held. (False when
+        # not known: pywsgi's requests leave no account of it.)
+        self._buffer_empty = False
         # The request's budget, running from the start of its read to its headers' end. A new
         # timer per request: gevent (26.9, libev) keeps a restarted timer's first deadline when
         # it is stopped and started again without the loop running in between, which closed
@@ -429,6 +432,11 @@ class RealtimeHandler(pywsgi.WSGIHandler):
                 idle_timer = gevent.Timeout(server.idle_timeout, _IdleTimeout)
                 idle_timer.start()
                 try:
+                    if self._buffer_empty:
+                        # The lane read all the buffer held: peek would first try a read that
+                        # finds nothing (an EAGAIN and an exception) before it waits.
+                        self._buffer_empty = False
+                        wait_readable(self.socket)
                     if not rfile.peek(1):
                         return None
                 finally:
@@ -510,6 +518,7 @@ class RealtimeHandler(pywsgi.WSGIHandler):
         finally:
             server.busy_requests -= 1
         unread = 0 if body_read else length
+        self._buffer_empty = in_buffer and request.head_size + length == len(buffered)
         close = request.close or server.draining or unread > DISCARD_LIMIT
         head = "".join([f"HTTP/1.1 {status}\r\n",
                         *(f"{name}: {value}\r\n" for name, value in headers),

@@ -24,7 +24,7 @@ from ..redis_support import (
     translate_redis_errors,
 )
 from ..redis_wire import RECV_SIZE, CommandPipe, open_connection, pack_command
-from ..sockets import sendall
+from ..sockets import recv_when_readable, sendall
 from .base import (
     DEFAULT_IDEMPOTENCY_TTL,
     Broker,
@@ -223,7 +223,7 @@ class RedisBroker(Broker):
         ping_sent = False
         while self._running:
             try:
-                data = subscriber.recv(RECV_SIZE)
+                data = recv_when_readable(subscriber, RECV_SIZE)
             except TimeoutError:
                 if ping_sent:
                     raise redis.TimeoutError(

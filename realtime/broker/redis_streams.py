@@ -66,16 +66,23 @@ if KEYS[3] then
 end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-if redis.call('HSETNX', KEYS[2], 'e', ARGV[5]) == 1 then
-  -- a new epoch: whatever history outlived the old meta belongs to a forgotten stream
+local offset = redis.call('HINCRBY', KEYS[2], 'o', 1)
+local epoch = false
+if offset ~= 1 then
+  epoch = redis.call('HGET', KEYS[2], 'e')
+end
+if not epoch then
+  -- a new stream: whatever history outlived the old meta belongs to a forgotten stream
+  epoch = ARGV[5]
+  redis.call('HSET', KEYS[2], 'e', epoch)
   redis.call('DEL', KEYS[1])
 end
-local offset = redis.call('HINCRBY', KEYS[2], 'o', 1)
-local epoch = redis.call('HGET', KEYS[2], 'e')
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 local ttl_ms = tonumber(ARGV[3])
-redis.call('LPUSH', KEYS[1], cmsgpack.pack({offset, now_ms + ttl_ms}) .. ARGV[1])
-redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+local size = tonumber(ARGV[2])
+if redis.call('LPUSH', KEYS[1], cmsgpack.pack({offset, now_ms + ttl_ms}) .. ARGV[1]) > size then
+  redis.call('LTRIM', KEYS[1], 0, size - 1)
+end
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 redis.call('PUBLISH', ARGV[6], cmsgpack.pack({tonumber(ARGV[7]), 'p', offset, epoch}) .. ARGV[1])
 if KEYS[3] then
