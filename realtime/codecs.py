@@ -237,7 +237,6 @@ class MsgpackCodec(Codec):
         return Packet(PacketType(kind), namespace, fields.get("data"), ack_id)
 
 
-
 JSON: Final = JsonCodec()
 MSGPACK: Final = MsgpackCodec()
 CODECS: Final[tuple[Codec, ...]] = (JSON, MSGPACK)
