@@ -2,20 +2,22 @@
 standard library where it does not.
 
 Every publication is parsed from JSON at least once and written as JSON at least twice (its
-size check, its event; an API publish also its answer): with the standard library's encoder
-that was a tenth of a node's CPU per publication (bench/RESULTS.md, issue 12). orjson (a
-compiled, widely used library) encodes small values about ten times and parses them about four
-times faster. Its results differ from the standard library's on a few inputs, which therefore
-take the standard library's path, so that what a client sends, gets back and is refused stays
-what it was:
+size check, its event; an API publish also its answer): with the standard library, JSON was
+~15% of a node's samples per publication in batches (py-spy; bench/RESULTS.md, issue 12).
+orjson (a compiled, widely used library) encodes small values about ten times and parses them
+about four times faster. Its results differ from the standard library's on a few inputs,
+which therefore take the standard library's path, so that what a client sends, gets back and
+is refused stays what it was:
 
 * :func:`dumps` writes ASCII only (``\\uXXXX`` escapes), as Flask, python-socketio and the
   standard library do: text that orjson would write with other characters is written by the
   standard library. Integers past 64 bits, non-string keys and lone surrogates, which orjson
-  refuses, are written by the standard library. Two differences remain, both valid JSON: small
-  floats may be written in another (equal) notation (``1e-7`` for ``1e-07``), and NaN and the
-  infinities, which JSON has not, are written ``null`` (never ``NaN``, which browsers refuse;
-  publication data never holds them: :func:`realtime.payloads.check_publication_data`).
+  refuses, are written by the standard library. Three differences remain: small floats may be
+  written in another (equal) notation (``1e-7`` for ``1e-07``); NaN and the infinities, which
+  JSON has not, are written ``null`` (never ``NaN``, which browsers refuse); and datetimes,
+  UUIDs, dataclasses and enums are written (as orjson writes them) instead of refused. Neither
+  of the last two reaches a client: publication data is checked first
+  (:func:`realtime.payloads.check_publication_data`), and the rest is realtime's own values.
 * :func:`loads` gives the standard library's values: text with an integer of 20 digits or more
   (which orjson reads as a float, losing digits) and anything orjson refuses (NaN, lone
   surrogates, text that is not UTF-8, deep nesting) are parsed by the ``fallback`` the caller
